@@ -1,0 +1,19 @@
+"""Quantization backends behind one contract (see base.py). Registered by import path only:
+nothing here imports a backend library until a backend is chosen."""
+
+from __future__ import annotations
+
+from harness.registry import Registry
+
+BACKENDS: Registry = Registry(
+    "backend",
+    {
+        "fp": "harness.adapters.fp:FloatAdapter",
+        "rtn": "harness.adapters.rtn:RTNAdapter",
+    },
+)
+
+
+def get_adapter(name: str):
+    """An adapter instance by registered name or "package.module:Class" path."""
+    return BACKENDS.get(name)()

@@ -1,0 +1,129 @@
+"""The adapter contract: one quantization backend behind one interface.
+
+An adapter declares its variants as a pydantic model (the knobs users know from the library),
+says whether it can run here (`availability`), rejects variants that cannot work on a model's
+shapes before any work starts (`check`), and turns a float model into a `QuantizedModel`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from harness.storage import linear_weight_stats, module_bytes
+
+
+class VariantConfig(BaseModel):
+    """Base of every adapter's variant schema; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def label(self) -> str:
+        """Short human label, e.g. 'int4-g64-asym'."""
+        return "-".join(f"{v}" for v in self.model_dump(exclude_none=True).values())
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = "available"
+
+    @classmethod
+    def missing(cls, package: str, extra: str | None = None) -> Availability:
+        hint = f" (pip install 'qharness[{extra}]')" if extra else ""
+        return cls(False, f"{package} is not installed{hint}")
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What `check` needs to know about a model without loading its weights."""
+
+    linears: tuple[LinearShape, ...]
+    hidden_size: int | None = None
+    architecture: str | None = None
+
+    def targets(self, skip: tuple[str, ...] = ("lm_head",)) -> list[LinearShape]:
+        return [s for s in self.linears if s.name.split(".")[-1] not in skip]
+
+
+@dataclass
+class CalibrationSet:
+    """Token windows a calibrated quantizer may use, drawn from a split evaluation never uses."""
+
+    corpus: str
+    n_samples: int
+    seq_len: int
+    seed: int
+    input_ids: torch.Tensor  # (n_samples, seq_len) int64
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus": self.corpus, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
+
+
+@dataclass
+class QuantizedModel:
+    """A model ready for measurement. Weight bytes are counted from storage, not asked of the
+    library; adapters whose storage hides outside parameters/buffers override the counts."""
+
+    module: torch.nn.Module
+    device: torch.device
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits of shape (batch, seq, vocab) for int64 token ids."""
+        out = self.module(input_ids=input_ids.to(self.device), use_cache=False)
+        return out.logits.float()
+
+    def weight_bytes(self) -> int:
+        return module_bytes(self.module)
+
+    def linear_stats(self) -> tuple[int, int]:
+        """(logical weights, stored bytes) of the linear layers quantizers target."""
+        return linear_weight_stats(self.module)
+
+    def bits_per_weight(self) -> float:
+        n_weights, n_bytes = self.linear_stats()
+        return 8.0 * n_bytes / n_weights if n_weights else float("nan")
+
+
+class Adapter(ABC):
+    """Subclasses set `name`, `Variant`, optionally `extra` (the pip extra that installs them)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    extra: ClassVar[str | None] = None
+    Variant: ClassVar[type[VariantConfig]]
+    needs_calibration: ClassVar[bool] = False
+
+    def availability(self, device: str = "cpu") -> Availability:
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries this adapter runs on (recorded with every result)."""
+        return {}
+
+    def parse_variant(self, params: dict[str, Any]) -> VariantConfig:
+        return self.Variant.model_validate(params)
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        """Raise HarnessError if `variant` cannot work on a model with these shapes."""
+
+    @abstractmethod
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        variant: VariantConfig,
+        calibration: CalibrationSet | None,
+        device: torch.device,
+    ) -> QuantizedModel: ...

@@ -1,0 +1,49 @@
+"""The record schema, declared once. One row per metric value; tables, plots and gates are all
+derived from records. A failed cell is one row with status 'failed' and its reason."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class CellIdentity(BaseModel):
+    """What a cell is: the same identity in two runs means comparable numbers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cell_id: str
+    suite: str
+    model: str
+    backend: str
+    variant: str
+    variant_params: dict[str, Any] = Field(default_factory=dict)
+    device: str
+    hardware_profile: str = "unknown"
+    is_reference: bool = False
+
+
+class Record(CellIdentity):
+    run_id: str
+    measurement: str  # e.g. "perplexity", "footprint", "quantize", "cell"
+    metric: str  # e.g. "ppl", "weight_bytes", "bits_per_weight", "seconds", "status"
+    value: float | None = None
+    unit: str = ""
+    n: int | None = None  # sample count behind the value (tokens, windows, documents)
+    uncertainty: float | None = None
+    uncertainty_kind: str | None = None  # "stderr" (1 sigma) unless stated
+    protocol: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    status: Literal["ok", "failed"] = "ok"
+    error: str | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)  # per-cell: backend versions, kernel
+    time: str = Field(default_factory=utc_now)
+
+
+RECORD_COLUMNS = list(Record.model_fields)
