@@ -40,7 +40,7 @@ class Record(CellIdentity):
     uncertainty_kind: str | None = None  # "stderr" (1 sigma) unless stated
     protocol: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    status: Literal["ok", "failed"] = "ok"
+    status: Literal["ok", "failed", "skipped"] = "ok"
     error: str | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)  # per-cell: backend versions, kernel
     time: str = Field(default_factory=utc_now)

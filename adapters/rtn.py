@@ -1,0 +1,160 @@
+"""Round-to-nearest (RTN) weight-only quantization in plain torch: the baseline every other method
+is compared with. No calibration, no error feedback: each group of weights gets its own scale
+(and zero point when asymmetric) and every weight is rounded to the nearest level.
+
+Rounding is round-half-to-even (`torch.round`). Codes are bit-packed (`harness.packing`) and the
+float weight is rebuilt on every forward and then dropped, so the bytes the storage accounting
+sees are the bytes the method really needs: b bits per weight plus one scale (and one b-bit zero
+code when asymmetric) per group."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from harness.adapters.base import Adapter, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.errors import HarnessError
+from harness.packing import pack_bits, unpack_bits
+
+
+class RTNVariant(VariantConfig):
+    bits: Literal[2, 3, 4, 5, 6, 7, 8]
+    group_size: int | None = Field(default=None, gt=0)  # None: one scale per output channel
+    sym: bool = False  # symmetric: signed range, no zero point; else unsigned + per-group zero
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def label(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "pc"
+        label = f"int{self.bits}-{group}-{'sym' if self.sym else 'asym'}"
+        if self.scale_dtype != "float16":  # keep labels unique; fp16 scales are the default
+            label += {"bfloat16": "-bf16scale", "float32": "-fp32scale"}[self.scale_dtype]
+        return label
+
+
+def _divisor_hint(group_size: int, widths: list[int]) -> str:
+    """Two powers of two (>= 8) dividing every width, preferring ones below `group_size`."""
+    common = math.gcd(*widths)
+    fits = [g for g in (2**k for k in range(12, 2, -1)) if common % g == 0]
+    options = ([g for g in fits if g < group_size] or fits)[:2]
+    return f"try {' or '.join(map(str, options))}" if options else "try group_size: null for per-channel"
+
+
+def _stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scale as it will be stored. A zero scale (constant-zero group, or underflow in the storage
+    dtype) becomes 1: its codes then all equal the zero point and it dequantizes to 0."""
+    stored = scale.to(dtype)
+    return torch.where(stored == 0, torch.ones_like(stored), stored)
+
+
+class RTNLinear(torch.nn.Module):
+    """A linear layer holding packed RTN codes; it dequantizes the full weight every forward."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool,
+                 qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                 bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("qzeros", qzeros)  # None when symmetric
+        self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: torch.nn.Linear, variant: RTNVariant,
+                    device: torch.device | str | None = None) -> RTNLinear:
+        """Quantize `linear` (on `device`, default its own) with round-to-nearest."""
+        out_f, in_f = linear.out_features, linear.in_features
+        gs = variant.group_size or in_f
+        if in_f % gs:
+            raise HarnessError(f"rtn: group_size {gs} does not divide in_features {in_f}")
+        b = variant.bits
+        w = linear.weight.detach().to(device=device or linear.weight.device, dtype=torch.float32)
+        w = w.reshape(out_f, in_f // gs, gs)
+        sdtype = getattr(torch, variant.scale_dtype)
+        if variant.sym:
+            qmax = 2 ** (b - 1) - 1
+            scales = _stored_scale(w.abs().amax(dim=-1) / qmax, sdtype)
+            q = torch.round(w / scales.float().unsqueeze(-1)).clamp_(-qmax, qmax) + 2 ** (b - 1)
+            qzeros = None
+        else:
+            # the range always contains 0 (as in GPTQ's quantizer) so the zero code fits in b bits
+            qmax = 2**b - 1
+            lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+            scales = _stored_scale((hi - lo) / qmax, sdtype)
+            zeros = torch.round(-lo / scales.float()).clamp_(0, qmax)
+            q = (torch.round(w / scales.float().unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp_(0, qmax)
+            qzeros = pack_bits(zeros.to(torch.uint8), b)
+        bias = linear.bias.detach().to(w.device) if linear.bias is not None else None
+        return cls(in_f, out_f, b, gs, variant.sym, pack_bits(q.to(torch.uint8), b), scales, qzeros, bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight these codes stand for (computed in float32, then cast)."""
+        n_groups = self.in_features // self.group_size
+        codes = unpack_bits(self.qweight, self.bits, self.out_features * self.in_features)
+        codes = codes.view(self.out_features, n_groups, self.group_size).float()
+        if self.qzeros is None:
+            zeros: torch.Tensor | float = float(2 ** (self.bits - 1))
+        else:
+            zeros = unpack_bits(self.qzeros, self.bits, self.out_features * n_groups)
+            zeros = zeros.view(self.out_features, n_groups, 1).float()
+        w = (codes - zeros) * self.scales.float().unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        group = self.group_size if self.group_size != self.in_features else "pc"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group={group}, sym={self.sym}, scale_dtype={self.scales.dtype}")
+
+
+class RTNAdapter(Adapter):
+    name: ClassVar[str] = "rtn"
+    description: ClassVar[str] = "round-to-nearest weight-only int2..int8 in plain torch (baseline)"
+    Variant: ClassVar[type[VariantConfig]] = RTNVariant
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        assert isinstance(variant, RTNVariant)
+        gs = variant.group_size
+        if gs is None:
+            return
+        targets = shapes.targets()
+        for s in targets:
+            if s.in_features % gs:
+                hint = _divisor_hint(gs, [t.in_features for t in targets])
+                raise HarnessError(
+                    f"rtn: group_size {gs} does not divide in_features {s.in_features} of {s.name} ({hint})"
+                )
+
+    @torch.no_grad()
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        variant: VariantConfig,
+        calibration: CalibrationSet | None,
+        device: torch.device,
+    ) -> QuantizedModel:
+        """Replace every nn.Linear but the head in place, one layer at a time: only one float
+        layer is ever on `device` next to the already packed ones."""
+        assert isinstance(variant, RTNVariant)
+        device = torch.device(device)
+        names = [name for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
+        for name in names:  # names, not modules: each float layer is freed once replaced
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, RTNLinear.from_linear(getattr(parent, child), variant, device))
+        model = model.to(device)
+        n = sum(isinstance(m, RTNLinear) for m in model.modules())
+        return QuantizedModel(model, device, info={"kernel": "torch dequantize+F.linear", "quantized_layers": n})

@@ -1,0 +1,239 @@
+"""The `harness` command line. Every user error ends as one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Benchmark quantized models: quality, size and speed in one run.")
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+
+
+@contextmanager
+def user_errors():
+    """HarnessError (and YAML/validation errors already turned into it) -> one line, exit 2."""
+    try:
+        yield
+    except HarnessError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished cells are saved; continue with --resume", highlight=False)
+        raise typer.Exit(130) from None
+
+
+class ListWhat(str, Enum):
+    suites = "suites"
+    backends = "backends"
+    models = "models"
+    measurements = "measurements"
+    corpora = "corpora"
+
+
+@app.command()
+def run(
+    suite: str = typer.Option(..., "--suite", "-s", help="built-in suite name or path to a suite YAML"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="run on this model instead of the suite's (repeatable)"),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b", help="only this backend of the suite (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/<suite>-<time>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out, skipping finished cells"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the suite's)"),
+):
+    """Run a suite: every model x backend variant in its own process, then write the HTML report."""
+    from harness.runner import run_suite
+    from harness.suite import load_suite
+
+    with user_errors():
+        if device not in (None, "auto", "cpu", "cuda"):
+            raise HarnessError(f"unknown device '{device}' (choose from: auto, cpu, cuda)")
+        if resume and out is None:
+            raise HarnessError("--resume needs --out RUN_DIR (the run to continue)")
+        spec = load_suite(suite)
+        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume)
+        _print_summary(result.run_dir)
+        if result.report:
+            console.print(f"report: {result.report}", highlight=False)
+        else:
+            err_console.print(f"report failed ({result.report_error}); records are safe in {result.run_dir.path}", highlight=False)
+        if result.failed:
+            err_console.print(f"{result.failed} cell(s) failed: see the table above and cells/<id>/worker.log", highlight=False)
+
+
+def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=False) as progress:
+        cells_task = progress.add_task("planning (first use converts the embedded model, ~1 min)", total=None)
+        step_task = progress.add_task("", total=None, visible=False)
+
+        def on_event(kind: str, data: dict) -> None:
+            if kind == "planned":
+                progress.update(cells_task, description=f"cells -> {data['run_dir']}", total=data["total"],
+                                completed=data["done"])
+            elif kind == "cell_start":
+                c = data["cell"]
+                progress.update(step_task, description=f"  {c.backend}:{c.variant}", completed=0, total=None, visible=True)
+            elif kind == "progress":
+                progress.update(step_task, description=f"  {data['what']}", completed=data["done"], total=data["total"])
+            elif kind == "cell_end":
+                o = data["outcome"]
+                c = data["cell"]
+                if o.status != "ok":
+                    progress.console.print(f"[red]{o.status}[/] {c.backend}:{c.variant}: {o.error}", highlight=False)
+                progress.advance(cells_task)
+                progress.update(step_task, visible=False)
+
+        return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, on_event=on_event)
+
+
+def _fmt(value, unc=None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return f"{text} ± {unc:.2g}" if unc is not None else text
+
+
+def _print_summary(run_dir) -> None:
+    records = run_dir.records()
+    by_cell: dict[str, dict] = {}
+    for r in records:
+        row = by_cell.setdefault(r.cell_id, {"cell": f"{r.model} {r.backend}:{r.variant}", "status": "?"})
+        if r.measurement == "cell":
+            row["status"] = r.status if r.status == "ok" else f"{r.status}: {r.error}"
+        else:
+            row[r.metric] = _fmt(r.value, r.uncertainty)
+    table = Table(title=f"run {run_dir.path}")
+    for col in ("cell", "bits_per_weight", "weight_bytes", "ppl", "status"):
+        table.add_column(col, overflow="fold")
+    for row in by_cell.values():
+        table.add_row(*(row.get(c, "-") for c in ("cell", "bits_per_weight", "weight_bytes", "ppl", "status")))
+    console.print(table)
+
+
+@app.command("list")
+def list_(what: ListWhat = typer.Argument(..., help="suites, backends, models, measurements or corpora")):
+    """List what can be named in a suite."""
+    with user_errors():
+        table = Table()
+        if what is ListWhat.suites:
+            from harness.suite import builtin_suites, load_suite
+
+            table.add_column("suite")
+            table.add_column("description")
+            for name in sorted(builtin_suites()):
+                table.add_row(name, load_suite(name).description)
+        elif what is ListWhat.backends:
+            from harness.adapters import BACKENDS, get_adapter
+
+            table.add_column("backend")
+            table.add_column("description")
+            table.add_column("variant knobs")
+            for name in BACKENDS.names():
+                try:
+                    adapter = get_adapter(name)
+                    table.add_row(name, adapter.description, ", ".join(adapter.Variant.model_fields))
+                except HarnessError as exc:
+                    table.add_row(name, f"(cannot load: {exc})", "")
+        elif what is ListWhat.models:
+            from harness.models import model_names
+
+            table.add_column("model")
+            for name in model_names():
+                table.add_row(name)
+            table.caption = "also: a local Hugging Face folder, or a hub id when a hub is reachable"
+        elif what is ListWhat.measurements:
+            from harness.metrics import MEASUREMENTS, get_measurement
+
+            table.add_column("measurement")
+            table.add_column("parameters")
+            for name in MEASUREMENTS.names():
+                table.add_row(name, ", ".join(get_measurement(name).Params.model_fields))
+        else:
+            from harness.data import corpus_names
+
+            table.add_column("corpus")
+            for name in corpus_names():
+                table.add_row(name)
+            table.caption = "also: file:PATH (a text file; documents separated by blank lines)"
+        console.print(table)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory")):
+    """(Re)write report.html for a run directory."""
+    from harness.reports.html import write_report
+    from harness.store import RunDir
+
+    with user_errors():
+        rd = RunDir(run_dir)
+        rd.run_info()
+        rd.records()
+        console.print(f"report: {write_report(run_dir)}", highlight=False)
+
+
+@app.command()
+def env(device: str = typer.Option("auto", help="device to check backends against: auto, cpu or cuda")):
+    """Device, hardware profile, versions, and every backend's availability (or why not)."""
+    from harness import hardware, provenance
+    from harness.adapters import BACKENDS, get_adapter
+    from harness.planner import resolve_device
+
+    with user_errors():
+        dev = resolve_device(device)
+        profile, name = hardware.detect(dev)
+        prov = provenance.collect(dev)
+        console.print(f"device: {dev} ({name}); hardware profile: {profile}", highlight=False)
+        console.print(f"harness {prov['harness_version']} ({prov['git_sha']}), python {prov['python']}, {prov['platform']}",
+                      highlight=False)
+        if prov.get("gpu"):
+            console.print(f"gpu: {prov['gpu']}, driver {prov.get('driver')}", highlight=False)
+        versions = Table(title="libraries")
+        versions.add_column("package")
+        versions.add_column("version")
+        for pkg, ver in prov["versions"].items():
+            versions.add_row(pkg, ver)
+        console.print(versions)
+        backends = Table(title=f"backends on {dev}")
+        backends.add_column("backend")
+        backends.add_column("status")
+        for bname in BACKENDS.names():
+            try:
+                avail = get_adapter(bname).availability(dev)
+                status = "available" if avail.ok else avail.reason
+            except HarnessError as exc:
+                status = f"broken: {exc}"
+            backends.add_row(bname, status)
+        console.print(backends)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - last resort: a bug still prints one line, log has details
+        err_console.print(f"internal error: {type(exc).__name__}: {exc} (please report; set QHARNESS_DEBUG=1 for a traceback)",
+                          highlight=False)
+        import os
+
+        if os.environ.get("QHARNESS_DEBUG"):
+            raise
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

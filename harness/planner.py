@@ -1,0 +1,109 @@
+"""Expand a validated suite into cells, checking everything that can be checked before any model
+is loaded: backend and measurement names, variant and measurement parameters, variant vs model
+shapes (e.g. a group size that does not divide a layer width), and backend availability."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from harness.errors import HarnessError
+from harness.suite import CellSpec, Suite, cell_id_for, explain_validation
+
+
+@dataclass
+class Plan:
+    suite: Suite
+    device: str
+    cells: list[CellSpec]
+    unavailable: dict[str, str] = field(default_factory=dict)  # cell_id -> reason
+    models: dict[str, dict] = field(default_factory=dict)  # model name -> description
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("device 'cuda' was asked for but torch sees no CUDA device (use --device cpu)")
+    return requested
+
+
+def _validated_measurements(suite: Suite) -> list[dict]:
+    from harness.metrics import get_measurement
+
+    out = []
+    for i, spec in enumerate(suite.measurements):
+        measurement = get_measurement(spec.name)
+        try:
+            params = measurement.Params.model_validate(spec.params())
+        except ValidationError as exc:
+            raise explain_validation(exc, measurement.Params, f"suite '{suite.name}': measurements[{i}] ({spec.name})") from None
+        out.append({"name": spec.name, **params.model_dump()})
+    return out
+
+
+def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | None = None,
+         device: str | None = None) -> Plan:
+    from harness.adapters import get_adapter
+    from harness.models import model_shapes, resolve_model
+
+    device = resolve_device(device or suite.device)
+    measurements = _validated_measurements(suite)
+    specs = suite.backends
+    if backends:
+        known = {b.name for b in specs}
+        for name in backends:
+            if name not in known:
+                from harness.errors import unknown
+
+                raise unknown(f"backend in suite '{suite.name}'", name, known)
+        specs = [b for b in specs if b.name in backends]
+
+    # parse every variant before touching any model
+    parsed = []
+    for bi, spec in enumerate(specs):
+        adapter = get_adapter(spec.name)
+        for vi, raw in enumerate(spec.variants):
+            params = dict(raw)
+            label = params.pop("label", None)
+            try:
+                variant = adapter.parse_variant(params)
+            except ValidationError as exc:
+                where = f"suite '{suite.name}': backend '{spec.name}' variants[{vi}]"
+                raise explain_validation(exc, adapter.Variant, where) from None
+            parsed.append((adapter, spec.name, variant, str(label or variant.label())))
+
+    result = Plan(suite=suite, device=device, cells=[])
+    for model_name in models or suite.models:
+        source = resolve_model(model_name, prepare=True)
+        result.models[source.name] = source.describe()
+        shapes = model_shapes(source)
+        for adapter, backend, variant, label in parsed:
+            adapter.check(variant, shapes, device)
+            calibration = suite.calibration.model_dump() if adapter.needs_calibration else None
+            identity = {
+                "model": source.name, "backend": backend, "variant": variant.model_dump(mode="json"),
+                "device": device, "measurements": measurements, "calibration": calibration,
+            }
+            cell = CellSpec(
+                cell_id=cell_id_for(identity), suite=suite.name, model=source.name, backend=backend,
+                variant=label, variant_params=variant.model_dump(mode="json"), device=device,
+                measurements=measurements, calibration=calibration, timeout_s=suite.timeout_s,
+                is_reference=suite.reference == f"{backend}:{label}",
+            )
+            if cell.cell_id in {c.cell_id for c in result.cells}:
+                raise HarnessError(f"suite '{suite.name}': variant '{backend}:{label}' appears twice")
+            result.cells.append(cell)
+            availability = adapter.availability(device)
+            if not availability.ok:
+                result.unavailable[cell.cell_id] = availability.reason
+    reference_selected = not backends or (suite.reference or "").split(":")[0] in backends
+    if suite.reference and reference_selected and not any(c.is_reference for c in result.cells):
+        labels = [f"{c.backend}:{c.variant}" for c in result.cells]
+        from harness.errors import did_you_mean
+
+        raise HarnessError(f"suite '{suite.name}': reference '{suite.reference}' is not one of its variants{did_you_mean(suite.reference, labels)}")
+    return result

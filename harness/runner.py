@@ -1,0 +1,141 @@
+"""Run a suite: plan, execute each cell in isolation, append its records as it finishes, report.
+
+The driver is the only writer of the run directory. Resuming skips every cell that has a final
+'cell' record with status ok; failed, skipped and unfinished cells run again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.executor import CellOutcome, LocalExecutor
+from harness.records import Record, utc_now
+from harness.store import RunDir
+from harness.suite import CellSpec, Suite
+
+
+@dataclass
+class RunResult:
+    run_dir: RunDir
+    ran: int
+    skipped_done: int
+    failed: int
+    report: Path | None
+    report_error: str | None = None
+
+
+def default_out(suite: Suite) -> Path:
+    return Path("runs") / f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def finished_cells(run_dir: RunDir) -> set[str]:
+    return {r.cell_id for r in run_dir.records() if r.measurement == "cell" and r.status == "ok"}
+
+
+def cell_records(cell: CellSpec, run_id: str, hardware_profile: str, outcome: CellOutcome) -> list[Record]:
+    identity = {
+        "run_id": run_id, "cell_id": cell.cell_id, "suite": cell.suite, "model": cell.model,
+        "backend": cell.backend, "variant": cell.variant, "variant_params": cell.variant_params,
+        "device": cell.device, "hardware_profile": hardware_profile, "is_reference": cell.is_reference,
+    }
+    records = [Record(**identity, **value, provenance={}) for value in outcome.values]
+    records.append(Record(
+        **identity, measurement="cell", metric="duration_s", value=outcome.duration_s, unit="s", n=1,
+        status=outcome.status, error=outcome.error, provenance=outcome.provenance,
+    ))
+    return records
+
+
+def _check_writable(path: Path) -> None:
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise HarnessError(f"output directory '{path}' is not writable")
+
+
+def prepare_run_dir(out: Path, resume: bool) -> tuple[RunDir, dict | None]:
+    """The run directory and, when resuming, its existing run info (validated)."""
+    run_dir = RunDir(out)
+    _check_writable(out)
+    if run_dir.exists():
+        if not resume:
+            raise HarnessError(f"'{out}' already holds a run: pass --resume to continue it, or choose another --out")
+        info = run_dir.run_info()
+        run_dir.records()  # corruption is reported now, before any work
+        return run_dir, info
+    if out.exists() and any(out.iterdir()) and resume:
+        raise HarnessError(f"cannot resume: '{out}' is not a run directory (no run.json)")
+    return run_dir, None
+
+
+def run_suite(
+    suite: Suite,
+    out: Path | None = None,
+    models: list[str] | None = None,
+    backends: list[str] | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    executor=None,
+    on_event: Callable[[str, dict], None] | None = None,
+) -> RunResult:
+    """Plan and run `suite`. `on_event(kind, data)` receives planned/cell_start/progress/cell_end."""
+    from harness import hardware, provenance
+    from harness.planner import plan as make_plan
+
+    emit = on_event or (lambda kind, data: None)
+    out = Path(out) if out else default_out(suite)
+    run_dir, previous = prepare_run_dir(out, resume)
+    the_plan = make_plan(suite, models=models, backends=backends, device=device)
+    profile, device_name = hardware.detect(the_plan.device)
+
+    run_id = previous["run_id"] if previous else f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    info = {
+        "run_id": run_id,
+        "suite": suite.model_dump(mode="json"),
+        "started_at": previous.get("started_at") if previous else utc_now(),
+        "resumed_at": [*previous.get("resumed_at", []), utc_now()] if previous else [],
+        "hardware_profile": profile,
+        "device_name": device_name,
+        "provenance": provenance.collect(the_plan.device),
+        "models": the_plan.models,
+        "cells": [c.model_dump(mode="json") for c in the_plan.cells],
+    }
+    if previous is None:
+        run_dir.create(info)
+    else:
+        run_dir.write_run_info(info)
+
+    done = finished_cells(run_dir) if previous else set()
+    todo = [c for c in the_plan.cells if c.cell_id not in done]
+    emit("planned", {"run_dir": run_dir.path, "total": len(the_plan.cells), "todo": len(todo),
+                     "done": len(the_plan.cells) - len(todo), "device": the_plan.device, "profile": profile})
+    executor = executor or LocalExecutor()
+    failed = 0
+    for cell in todo:
+        emit("cell_start", {"cell": cell})
+        if cell.cell_id in the_plan.unavailable:
+            outcome = CellOutcome("skipped", error=f"unavailable: {the_plan.unavailable[cell.cell_id]}")
+        else:
+            outcome = executor.run(cell, run_dir.cell_dir(cell.cell_id),
+                                   progress=lambda d, t, w: emit("progress", {"done": d, "total": t, "what": w}))
+        run_dir.append(cell_records(cell, run_id, profile, outcome))
+        failed += outcome.status == "failed"
+        emit("cell_end", {"cell": cell, "outcome": outcome})
+
+    info["finished_at"] = utc_now()
+    run_dir.write_run_info(info)
+    report, report_error = None, None
+    try:
+        from harness.reports.html import write_report
+
+        report = write_report(run_dir.path)
+    except Exception as exc:  # noqa: BLE001 - a report bug must not cost the measured results
+        report_error = f"{type(exc).__name__}: {exc}"
+    return RunResult(run_dir, len(todo), len(the_plan.cells) - len(todo), failed, report, report_error)

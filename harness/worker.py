@@ -1,0 +1,140 @@
+"""One cell in its own process: load the model, quantize, measure, report.
+
+Run by the driver as `python -m harness.worker CELL_DIR`. Talks back through files and stdout only:
+- stdout: JSON progress lines {"progress": [done, total, what]} for the driver's progress bar;
+- CELL_DIR/values.jsonl: one JSON line per finished metric value, fsynced as it is produced,
+  so values measured before a crash survive it;
+- CELL_DIR/done.json: written last (atomically) with the cell's provenance;
+- stderr (the cell's log): on failure its last line is the reason.
+A crash, hang or out-of-memory here can cost only this cell."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+VALUES = "values.jsonl"
+DONE = "done.json"
+CELL = "cell.json"
+EXIT_USER_ERROR = 3
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
+class Emitter:
+    def __init__(self, cell_dir: Path):
+        self.path = cell_dir / VALUES
+
+    def values(self, measurement: str, values) -> None:
+        payload = "".join(json.dumps({"measurement": measurement, **asdict(v)}) + "\n" for v in values)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, payload.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def progress(done: int, total: int, what: str) -> None:
+        print(json.dumps({"progress": [done, total, what]}), flush=True)
+
+
+def run_cell(cell_dir: Path) -> None:
+    _quiet_libraries()
+    import torch
+
+    from harness.adapters import get_adapter
+    from harness.adapters.base import CalibrationSet
+    from harness.metrics import get_measurement
+    from harness.metrics.base import CellContext, MetricValue
+    from harness.models import load_model, resolve_model
+    from harness.suite import CellSpec
+
+    cell = CellSpec.model_validate_json((cell_dir / CELL).read_text())
+    emit = Emitter(cell_dir)
+    device = torch.device(cell.device)
+
+    emit.progress(0, 1, "loading model")
+    source = resolve_model(cell.model, prepare=False)
+    model, tokenizer = load_model(source)
+    adapter = get_adapter(cell.backend)
+    variant = adapter.parse_variant(cell.variant_params)
+
+    calibration = None
+    if cell.calibration:
+        from harness.data import calibration_windows
+
+        c = cell.calibration
+        ids = calibration_windows(tokenizer, c["corpus"], c["n_samples"], c["seq_len"], c["seed"])
+        calibration = CalibrationSet(c["corpus"], c["n_samples"], c["seq_len"], c["seed"], ids)
+
+    emit.progress(0, 1, f"quantizing ({cell.backend}:{cell.variant})")
+    t0 = time.perf_counter()
+    qmodel = adapter.quantize(model, variant, calibration, device)
+    quantize_s = time.perf_counter() - t0
+    n_weights, n_bytes = qmodel.linear_stats()
+    emit.values("footprint", [
+        MetricValue("weight_bytes", float(qmodel.weight_bytes()), "bytes", protocol="storage: all parameters and buffers, each storage once"),
+        MetricValue("bits_per_weight", qmodel.bits_per_weight(), "bits", n=n_weights,
+                    protocol="storage of linear layers (packed weights + scales + zeros) / their weights; lm_head excluded",
+                    params={"linear_bytes": n_bytes}),
+    ])
+    emit.values("quantize", [MetricValue("seconds", quantize_s, "s", n=1, protocol="wall clock, one run",
+                                         params={"calibration": calibration.describe() if calibration else None})])
+
+    for spec in cell.measurements:
+        spec = dict(spec)
+        measurement = get_measurement(spec.pop("name"))
+        params = measurement.Params.model_validate(spec)
+        ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model,
+                          artifact_dir=cell_dir, progress=emit.progress)
+        emit.values(measurement.name, measurement.run(ctx, params))
+
+    provenance = {
+        "backend_versions": adapter.versions(),
+        "backend_info": qmodel.info,
+        "torch_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
+    if device.type == "cuda":
+        provenance["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    tmp = cell_dir / (DONE + ".tmp")
+    tmp.write_text(json.dumps(provenance, default=str))
+    os.replace(tmp, cell_dir / DONE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.errors import HarnessError
+
+    argv = sys.argv[1:] if argv is None else argv
+    cell_dir = Path(argv[0])
+    try:
+        run_cell(cell_dir)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - the log keeps the traceback, the reason is the last line
+        import traceback
+
+        traceback.print_exc()
+        print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
