@@ -27,7 +27,7 @@ TEMPLATE = "report.html.j2"
 BITS = "bits_per_weight"  # metric name, unit "bits"
 BYTES = "weight_bytes"  # metric name, unit "bytes"
 QUANTIZE_SECONDS = ("quantize", "seconds")
-CELL_SECONDS = "duration_s"
+CELL_SECONDS = ("cell", "duration_s")  # wall time of the whole cell, recorded by the driver
 CELL_STATUS = ("cell", "status")
 MB = 1e6  # weight sizes are shown in MB = 10^6 bytes
 
