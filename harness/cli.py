@@ -76,7 +76,7 @@ def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=False) as progress:
+                  console=err_console, transient=True) as progress:
         cells_task = progress.add_task("planning (first use converts the embedded model, ~1 min)", total=None)
         step_task = progress.add_task("", total=None, visible=False)
 

@@ -75,6 +75,7 @@ class LocalExecutor:
         log_path = cell_dir / "worker.log"
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["QHARNESS_DRIVER_PID"] = str(os.getpid())
         start = time.monotonic()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
@@ -124,6 +125,8 @@ class LocalExecutor:
             return f"worker died: signal {sig}{hint}" + (f"; last log line: {last}" if last else "")
         if returncode == 0:
             return "worker exited without finishing its cell" + (f"; last log line: {last}" if last else "")
-        if last.startswith("error: "):
+        if returncode == worker.EXIT_USER_ERROR and last.startswith("error: "):
             return last[len("error: "):]
-        return last or f"worker exited with status {returncode} and no message"
+        if returncode == 1 and last:  # the worker's own handler: the last line is the exception
+            return last
+        return f"worker exited with status {returncode}" + (f"; last log line: {last}" if last else "")

@@ -22,6 +22,20 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FORMAT = 1  # bump when the cached folder layout changes
 
 
+def quiet_libraries() -> None:
+    """No library progress bars or info chatter: our own progress and one-line errors only."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
 def cache_root() -> Path:
     root = os.environ.get("QHARNESS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qharness"
     return Path(root)
@@ -116,8 +130,26 @@ def _tiny(name: str, prepare: bool) -> ModelSource:
         model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIGS[name]))
         tmp = dest.with_name(dest.name + ".tmp")
         model.save_pretrained(tmp)
+        _byte_tokenizer().save_pretrained(tmp)
+        if dest.exists():
+            import shutil
+
+            shutil.rmtree(dest)
         os.replace(tmp, dest)
     return ModelSource(name=name, path=str(dest), kind="tiny", note="random-init weights: for tests only, no quality claim")
+
+
+def _byte_tokenizer():
+    """A 256-token byte-level tokenizer (no merges) so tiny models can read real text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 BUILTINS = {"builtin:smollm2-135m": _builtin_smollm2}
@@ -129,6 +161,8 @@ def model_names() -> list[str]:
 
 def resolve_model(name: str, prepare: bool = True) -> ModelSource:
     """Resolve a model name; with prepare=True, make sure its local folder exists (convert/cache)."""
+    if prepare:
+        quiet_libraries()
     if name in BUILTINS:
         return BUILTINS[name](prepare)
     if name in TINY_CONFIGS:
@@ -161,10 +195,7 @@ def load_model(source: ModelSource, dtype=None):
     except OSError as exc:
         raise HarnessError(f"cannot load model '{source.name}': {str(exc).splitlines()[0]}") from None
     model.eval()
-    tokenizer = None
-    if source.kind != "tiny":
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(source.path)
 
 
 def model_shapes(source: ModelSource):

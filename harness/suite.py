@@ -91,7 +91,9 @@ def _loc_str(loc: tuple) -> str:
 
 def explain_validation(exc: ValidationError, model: type[BaseModel], where: str) -> HarnessError:
     """One line for the first problem: the key, what is wrong, and a suggestion."""
-    err = exc.errors()[0]
+    # a misspelt key shows up as both "unknown" and "missing": the unknown one explains it
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
     loc = tuple(err.get("loc", ()))
     key = _loc_str(loc)
     if err["type"] == "extra_forbidden":

@@ -17,22 +17,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from harness.models import quiet_libraries
+
 VALUES = "values.jsonl"
 DONE = "done.json"
 CELL = "cell.json"
 EXIT_USER_ERROR = 3
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - cosmetics only
-        pass
 
 
 class Emitter:
@@ -54,7 +44,7 @@ class Emitter:
 
 
 def run_cell(cell_dir: Path) -> None:
-    _quiet_libraries()
+    quiet_libraries()
     import torch
 
     from harness.adapters import get_adapter
@@ -117,10 +107,28 @@ def run_cell(cell_dir: Path) -> None:
     os.replace(tmp, cell_dir / DONE)
 
 
+def _die_with_driver() -> None:
+    """Linux: have the kernel kill this worker if the driver dies (e.g. SIGKILL), so an orphan
+    never writes into a cell that a resumed run is recomputing."""
+    driver = os.environ.get("QHARNESS_DRIVER_PID")
+    if not driver or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(driver):  # the driver died before prctl took effect
+        os._exit(EXIT_USER_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from harness.errors import HarnessError
 
     argv = sys.argv[1:] if argv is None else argv
+    _die_with_driver()
     cell_dir = Path(argv[0])
     try:
         run_cell(cell_dir)

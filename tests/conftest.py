@@ -1,0 +1,54 @@
+"""Shared fixtures. Tiny random models live in a per-session cache; the embedded model uses the
+user's cache (its one-time conversion takes ~40 s, worth sharing across runs)."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("qharness-cache")
+
+
+@pytest.fixture
+def harness_env(monkeypatch, tiny_cache):
+    """Environment for runs on tiny models with the chaos plugin importable in workers."""
+    monkeypatch.setenv("QHARNESS_CACHE", str(tiny_cache))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    return tiny_cache
+
+
+def write_suite(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+TINY_SUITE = """
+name: tiny
+models: [tiny:llama]
+device: cpu
+timeout_s: {timeout}
+reference: fp:fp32
+backends:
+  - name: fp
+    variants: [{{dtype: float32}}]
+{extra_backends}
+measurements:
+  - name: perplexity
+    corpus: boolq-wiki
+    seq_len: 64
+    max_windows: 2
+"""
+
+
+def tiny_suite(path: Path, extra_backends: str = "", timeout: float = 120) -> Path:
+    return write_suite(path, TINY_SUITE.format(extra_backends=textwrap.indent(textwrap.dedent(extra_backends), "  "),
+                                               timeout=timeout))
