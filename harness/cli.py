@@ -31,7 +31,7 @@ def user_errors():
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: finished cells are saved; continue with --resume", highlight=False)
+        err_console.print("interrupted: finished cells are saved; continue with --resume", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
 
 
@@ -65,11 +65,11 @@ def run(
         result = _run_with_progress(run_suite, spec, out, model, backend, device, resume)
         _print_summary(result.run_dir)
         if result.report:
-            console.print(f"report: {result.report}", highlight=False)
+            console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
         else:
-            err_console.print(f"report failed ({result.report_error}); records are safe in {result.run_dir.path}", highlight=False)
+            err_console.print(f"report failed ({result.report_error}); records are safe in {result.run_dir.path}", highlight=False, soft_wrap=True)
         if result.failed:
-            err_console.print(f"{result.failed} cell(s) failed: see the table above and cells/<id>/worker.log", highlight=False)
+            err_console.print(f"{result.failed} cell(s) failed: see the table above and cells/<id>/worker.log", highlight=False, soft_wrap=True)
 
 
 def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
@@ -93,7 +93,7 @@ def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
                 o = data["outcome"]
                 c = data["cell"]
                 if o.status != "ok":
-                    progress.console.print(f"[red]{o.status}[/] {c.backend}:{c.variant}: {o.error}", highlight=False)
+                    progress.console.print(f"[red]{o.status}[/] {c.backend}:{c.variant}: {o.error}", highlight=False, soft_wrap=True)
                 progress.advance(cells_task)
                 progress.update(step_task, visible=False)
 
@@ -182,7 +182,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")):
         rd = RunDir(run_dir)
         rd.run_info()
         rd.records()
-        console.print(f"report: {write_report(run_dir)}", highlight=False)
+        console.print(f"report: {write_report(run_dir)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -196,11 +196,11 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
         dev = resolve_device(device)
         profile, name = hardware.detect(dev)
         prov = provenance.collect(dev)
-        console.print(f"device: {dev} ({name}); hardware profile: {profile}", highlight=False)
+        console.print(f"device: {dev} ({name}); hardware profile: {profile}", highlight=False, soft_wrap=True)
         console.print(f"harness {prov['harness_version']} ({prov['git_sha']}), python {prov['python']}, {prov['platform']}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         if prov.get("gpu"):
-            console.print(f"gpu: {prov['gpu']}, driver {prov.get('driver')}", highlight=False)
+            console.print(f"gpu: {prov['gpu']}, driver {prov.get('driver')}", highlight=False, soft_wrap=True)
         versions = Table(title="libraries")
         versions.add_column("package")
         versions.add_column("version")
@@ -227,7 +227,7 @@ def main() -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - last resort: a bug still prints one line, log has details
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (please report; set QHARNESS_DEBUG=1 for a traceback)",
-                          highlight=False)
+                          highlight=False, soft_wrap=True)
         import os
 
         if os.environ.get("QHARNESS_DEBUG"):
