@@ -74,14 +74,14 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
             except ValidationError as exc:
                 where = f"suite '{suite.name}': backend '{spec.name}' variants[{vi}]"
                 raise explain_validation(exc, adapter.Variant, where) from None
-            parsed.append((adapter, spec.name, variant, str(label or variant.label())))
+            parsed.append((adapter, spec.name, variant, str(label or variant.label()), spec.timeout_s or suite.timeout_s))
 
     result = Plan(suite=suite, device=device, cells=[])
     for model_name in models or suite.models:
         source = resolve_model(model_name, prepare=True)
         result.models[source.name] = source.describe()
         shapes = model_shapes(source)
-        for adapter, backend, variant, label in parsed:
+        for adapter, backend, variant, label, timeout_s in parsed:
             adapter.check(variant, shapes, device)
             calibration = suite.calibration.model_dump() if adapter.needs_calibration else None
             identity = {
@@ -91,7 +91,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
             cell = CellSpec(
                 cell_id=cell_id_for(identity), suite=suite.name, model=source.name, backend=backend,
                 variant=label, variant_params=variant.model_dump(mode="json"), device=device,
-                measurements=measurements, calibration=calibration, timeout_s=suite.timeout_s,
+                measurements=measurements, calibration=calibration, timeout_s=timeout_s,
                 is_reference=suite.reference == f"{backend}:{label}",
             )
             if cell.cell_id in {c.cell_id for c in result.cells}:

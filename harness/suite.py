@@ -26,6 +26,7 @@ class _Strict(BaseModel):
 class BackendSpec(_Strict):
     name: str
     variants: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
+    timeout_s: float | None = Field(None, gt=0, description="per cell; overrides the suite's")
 
 
 class MeasurementSpec(BaseModel):

@@ -26,21 +26,23 @@ def _cells(run_dir):
 
 
 def test_misbehaving_cells_fail_alone(tmp_path, harness_env):
-    suite = tiny_suite(tmp_path / "s.yaml", timeout=20, extra_backends=f"""
+    suite = tiny_suite(tmp_path / "s.yaml", extra_backends=f"""
         - name: "{CHAOS}"
           variants:
             - {{mode: segfault}}
             - {{mode: exit}}
-            - {{mode: hang}}
             - {{mode: raise}}
             - {{mode: segfault, when: measure}}
+        - name: "{CHAOS}"
+          timeout_s: 15
+          variants: [{{mode: hang}}]
         """)
     result = run_suite(load_suite(str(suite)), out=tmp_path / "run")
     df, cells = _cells(tmp_path / "run")
     assert cells.loc["fp32", "status"] == "ok"
     assert "SIGSEGV" in cells.loc["segfault@quantize", "error"]
     assert "status 7" in cells.loc["exit@quantize", "error"]
-    assert "timed out after 20 s" in cells.loc["hang@quantize", "error"]
+    assert "timed out after 15 s" in cells.loc["hang@quantize", "error"]
     assert cells.loc["raise@quantize", "error"] == "RuntimeError: chaos adapter raised on purpose"
     assert "SIGSEGV" in cells.loc["segfault@measure", "error"]
     # values finished before the crash survive it
