@@ -70,6 +70,19 @@ def run(
             err_console.print(f"report failed ({result.report_error}); records are safe in {result.run_dir.path}", highlight=False, soft_wrap=True)
         if result.failed:
             err_console.print(f"{result.failed} cell(s) failed: see the table above and cells/<id>/worker.log", highlight=False, soft_wrap=True)
+        if result.gates:
+            _print_gates(result.gates)
+            if not all(g.passed for g in result.gates):
+                raise typer.Exit(1)
+
+
+def _print_gates(gates) -> None:
+    table = Table(title="gates")
+    for col in ("gate", "cell", "verdict", "detail"):
+        table.add_column(col, overflow="fold")
+    for g in gates:
+        table.add_row(g.gate, g.cell, "[green]pass[/]" if g.passed else "[red]FAIL[/]", g.detail)
+    console.print(table)
 
 
 def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
@@ -221,6 +234,9 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
 
 
 def main() -> None:
+    from harness.models import quiet_libraries
+
+    quiet_libraries()
     try:
         app()
     except SystemExit:

@@ -27,6 +27,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    # transformers imports optional backends (torchao, hqq) that log import-time chatter
+    for name in ("torch.utils._pytree", "torchao", "hqq", "bitsandbytes", "optimum.quanto"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -5,7 +5,6 @@ The driver is the only writer of the run directory. Resuming skips every cell th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +25,7 @@ class RunResult:
     failed: int
     report: Path | None
     report_error: str | None = None
+    gates: list = None
 
 
 def default_out(suite: Suite) -> Path:
@@ -129,7 +129,11 @@ def run_suite(
         failed += outcome.status == "failed"
         emit("cell_end", {"cell": cell, "outcome": outcome})
 
+    from harness.gates import evaluate
+
+    gate_results = evaluate(suite.gates, run_dir.records())
     info["finished_at"] = utc_now()
+    info["gates"] = [vars(g) for g in gate_results]
     run_dir.write_run_info(info)
     report, report_error = None, None
     try:
@@ -138,4 +142,4 @@ def run_suite(
         report = write_report(run_dir.path)
     except Exception as exc:  # noqa: BLE001 - a report bug must not cost the measured results
         report_error = f"{type(exc).__name__}: {exc}"
-    return RunResult(run_dir, len(todo), len(the_plan.cells) - len(todo), failed, report, report_error)
+    return RunResult(run_dir, len(todo), len(the_plan.cells) - len(todo), failed, report, report_error, gate_results)

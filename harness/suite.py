@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import HarnessError, did_you_mean, unknown
+from harness.gates import GateSpec
 
 
 class _Strict(BaseModel):
@@ -56,6 +57,7 @@ class Suite(_Strict):
     backends: list[BackendSpec] = Field(min_length=1)
     measurements: list[MeasurementSpec] = Field(default_factory=list)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    gates: list[GateSpec] = Field(default_factory=list)
 
 
 # -- loading ---------------------------------------------------------------------------------

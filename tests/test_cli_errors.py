@@ -120,3 +120,30 @@ def test_resume_of_finished_run_runs_nothing(finished_run):
 
 def test_report_on_non_run_dir(tmp_path):
     one_line_error(["report", str(tmp_path)], "is not a run directory")
+
+
+def test_gates_pass_and_fail(tmp_path, harness_env):
+    from conftest import TINY_SUITE
+
+    body = TINY_SUITE.format(timeout=120, extra_backends="  - name: rtn\n    variants: [{bits: 8, sym: true}, {bits: 2, group_size: 32}]")
+    passing = body + "gates:\n  - {metric: ppl, max_ratio: 1.02, cells: ['rtn:int8*']}\n  - {metric: bits_per_weight, max: 9}\n"
+    (tmp_path / "pass.yaml").write_text(passing)
+    result = runner.invoke(app, ["run", "--suite", str(tmp_path / "pass.yaml"), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "FAIL" not in result.output and "pass" in result.output
+    failing = body + "gates:\n  - {metric: ppl, max_ratio: 1.0001}\n  - {metric: pplx, max: 1}\n"
+    (tmp_path / "fail.yaml").write_text(failing)
+    result = runner.invoke(app, ["run", "--suite", str(tmp_path / "fail.yaml"), "--out", str(tmp_path / "f")])
+    assert result.exit_code == 1
+    import json
+
+    gates = json.loads((tmp_path / "f" / "run.json").read_text())["gates"]
+    assert [g["passed"] for g in gates if g["gate"].startswith("pplx")] == [False]
+    assert any("no successful records of metric 'pplx'" in g["detail"] for g in gates)
+    assert any(not g["passed"] and "ratio" in g["detail"] for g in gates if g["gate"].startswith("ppl "))
+    assert (tmp_path / "f" / "report.html").exists()  # a failed gate loses nothing
+
+
+def test_gate_needs_a_bound(tmp_path):
+    s = write_suite(tmp_path / "g.yaml", "name: g\nmodels: [tiny:llama]\nbackends: [{name: fp}]\ngates: [{metric: ppl}]\n")
+    one_line_error(["run", "--suite", str(s)], "gates[0]", "at least one of max")
