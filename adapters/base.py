@@ -109,6 +109,12 @@ class Adapter(ABC):
     def availability(self, device: str = "cpu") -> Availability:
         return Availability(True)
 
+    def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
+        """Whether this variant can run on `device` (e.g. a CUDA-only scheme on a CPU machine).
+        Unlike `check`, a 'no' here skips the cell with its reason instead of failing the suite:
+        one suite can then hold GPU and CPU variants and run wherever it is."""
+        return Availability(True)
+
     def versions(self) -> dict[str, str]:
         """Versions of the libraries this adapter runs on (recorded with every result)."""
         return {}

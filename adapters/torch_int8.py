@@ -118,9 +118,6 @@ class TorchDynamicInt8Adapter(Adapter):
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
 
-    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
-        if torch.device(device).type != "cpu":
-            raise HarnessError(f"torch-int8: {_CPU_ONLY}; use device: cpu")
 
     @torch.no_grad()
     def quantize(

@@ -152,19 +152,21 @@ class TorchAOAdapter(Adapter):
             ao = "not installed"
         return {"torchao": ao, "torch": torch.__version__}
 
-    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+    def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
         assert isinstance(variant, TorchAOVariant)
         dev = torch.device(device).type
         if variant.scheme == "int4_weight_only" and dev != "cuda":
-            raise HarnessError(
+            return Availability(False,
                 "torchao int4_weight_only needs CUDA (and the package mslk on torchao >= 0.15): on CPU "
-                "quantize_ fails with 'Requires mslk >= 1.0.0'; use intx_weight_only with bits: 4 on CPU"
-            )
+                "quantize_ fails with 'Requires mslk >= 1.0.0'; use intx_weight_only with bits: 4 on CPU")
         if variant.scheme == "float8_dynamic_act_float8_weight" and not (dev == "cuda" and _fp8_capable_cuda()):
-            raise HarnessError(
+            return Availability(False,
                 "torchao float8_dynamic_act_float8_weight needs a CUDA GPU with compute capability >= 8.9 "
-                f"(device here: {device}); float8_weight_only runs elsewhere"
-            )
+                f"(device here: {device}); float8_weight_only runs elsewhere")
+        return Availability(True)
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        assert isinstance(variant, TorchAOVariant)
         gs = variant.effective_group_size()
         if gs is None:
             return

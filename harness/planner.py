@@ -98,6 +98,8 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
                 raise HarnessError(f"suite '{suite.name}': variant '{backend}:{label}' appears twice")
             result.cells.append(cell)
             availability = adapter.availability(device)
+            if availability.ok:
+                availability = adapter.variant_availability(variant, device)
             if not availability.ok:
                 result.unavailable[cell.cell_id] = availability.reason
     reference_selected = not backends or (suite.reference or "").split(":")[0] in backends
