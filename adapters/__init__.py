@@ -10,6 +10,11 @@ BACKENDS: Registry = Registry(
     {
         "fp": "harness.adapters.fp:FloatAdapter",
         "rtn": "harness.adapters.rtn:RTNAdapter",
+        "torch-int8": "harness.adapters.torch_int8:TorchDynamicInt8Adapter",
+        "torchao": "harness.adapters.torchao_backend:TorchAOAdapter",
+        "bnb": "harness.adapters.bnb:BitsAndBytesAdapter",
+        "quanto": "harness.adapters.quanto:QuantoAdapter",
+        "hqq": "harness.adapters.hqq_backend:HQQAdapter",
     },
 )
 

@@ -1,0 +1,152 @@
+"""HQQ (Half-Quadratic Quantization): calibration-free affine weight quantization, 1-8 bits,
+group-wise, through hqq's own `HQQLinear` (quantize, bit-pack, dequantize + matmul on its PYTORCH
+backend).
+
+`optimize` switches HQQ's half-quadratic solver for scale/zero (hqq's default). It is off by
+default here because on a 2-core CPU the solver takes 2-5 s per layer (211 layers in
+SmolLM2-135M, i.e. ~10-15 minutes per variant) against 0.03-0.2 s per layer without it; with it
+off HQQ is plain asymmetric min-max round-to-nearest with float zero points (hqq rounds the zero
+point for 4 bits). Turn it on to measure HQQ proper.
+
+Storage: `HQQLinear` keeps the packed codes in the parameter `W_q` and the scale and zero per
+group (compute dtype, float32 on CPU) in the plain dict `meta`, which parameters/buffers do not
+see: this adapter adds them to the counts. 3-bit codes are packed 10 to an int32 (3.2 bits)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from harness.adapters.base import (
+    Adapter,
+    Availability,
+    CalibrationSet,
+    ModelShapes,
+    QuantizedModel,
+    VariantConfig,
+)
+from harness.errors import HarnessError
+from harness.storage import is_linear_like, tensor_bytes
+
+
+class HQQVariant(VariantConfig):
+    bits: Literal[8, 4, 3, 2, 1]
+    group_size: int = Field(64, gt=0)
+    axis: Literal[0, 1] = 1
+    optimize: bool = False  # HQQ's half-quadratic solver (slow on CPU: see the module docstring)
+
+    def label(self) -> str:
+        return f"int{self.bits}-g{self.group_size}-ax{self.axis}{'-opt' if self.optimize else ''}"
+
+
+def _meta_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors an HQQLinear keeps in its meta dict (scale, zero, and any quantized meta-data)."""
+    out: list[torch.Tensor] = []
+    stack = [getattr(module, "meta", None)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+    return out
+
+
+def _bias(module: torch.nn.Module) -> list[torch.Tensor]:
+    b = getattr(module, "bias", None)
+    return [b] if isinstance(b, torch.Tensor) else []
+
+
+class HQQQuantizedModel(QuantizedModel):
+    def weight_bytes(self) -> int:
+        seen: set = set()
+        total = tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()), seen)
+        for mod in self.module.modules():  # HQQLinear's bias is a plain attribute, not a parameter
+            total += tensor_bytes(_meta_tensors(mod) + _bias(mod), seen)
+        return total
+
+    def linear_stats(self) -> tuple[int, int]:
+        seen: set = set()
+        n_weights = n_bytes = 0
+        for name, mod in self.module.named_modules():
+            if not is_linear_like(mod) or name.split(".")[-1] == "lm_head":
+                continue
+            n_weights += mod.in_features * mod.out_features
+            own = [t for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+                   if n != "bias"]
+            n_bytes += tensor_bytes(own + _meta_tensors(mod), seen)
+        return n_weights, n_bytes
+
+
+def _divisor_hint(group_size: int, widths: list[int]) -> str:
+    common = math.gcd(*widths)
+    fits = [g for g in (2**k for k in range(12, 2, -1)) if common % g == 0]
+    options = ([g for g in fits if g < group_size] or fits)[:2]
+    return f"try {' or '.join(map(str, options))}" if options else "no power-of-two group size >= 8 fits"
+
+
+class HQQAdapter(Adapter):
+    name: ClassVar[str] = "hqq"
+    description: ClassVar[str] = "HQQ half-quadratic weight-only 1/2/3/4/8-bit (HQQLinear), calibration-free"
+    extra: ClassVar[str | None] = "hqq"
+    Variant: ClassVar[type[VariantConfig]] = HQQVariant
+
+    def availability(self, device: str = "cpu") -> Availability:
+        try:
+            import hqq.core.quantize  # noqa: F401
+        except ImportError:
+            return Availability.missing("hqq", self.extra)
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        import hqq
+
+        return {"hqq": hqq.__version__, "torch": torch.__version__}
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        assert isinstance(variant, HQQVariant)
+        gs = variant.group_size
+        if gs % 8:  # hqq's BaseQuantizeConfig asserts this
+            raise HarnessError(f"hqq: group_size {gs} is not a multiple of 8 (hqq requires it)")
+        targets = shapes.targets()
+        for s in targets:
+            if s.in_features % gs:
+                hint = _divisor_hint(gs, [t.in_features for t in targets])
+                raise HarnessError(
+                    f"hqq: group_size {gs} does not divide in_features {s.in_features} of {s.name} ({hint})"
+                )
+
+    @torch.no_grad()
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        variant: VariantConfig,
+        calibration: CalibrationSet | None,
+        device: torch.device,
+    ) -> QuantizedModel:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+
+        assert isinstance(variant, HQQVariant)
+        device = torch.device(device)
+        HQQLinear.set_backend(HQQBackend.PYTORCH)  # the portable backend (CPU and GPU)
+        config = BaseQuantizeConfig(nbits=variant.bits, group_size=variant.group_size, axis=variant.axis)
+        config["weight_quant_params"]["optimize"] = variant.optimize
+        compute_dtype = torch.float32 if device.type == "cpu" else torch.float16
+        names = [name for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            linear = getattr(parent, child)
+            if linear.in_features % variant.group_size:
+                raise HarnessError(f"hqq: group_size {variant.group_size} does not divide in_features "
+                                   f"{linear.in_features} of {name}")
+            setattr(parent, child, HQQLinear(linear, quant_config=config, compute_dtype=compute_dtype,
+                                             device=str(device), del_orig=True))
+        model = model.to(device)
+        info = {"kernel": f"hqq HQQLinear ({HQQLinear.backend.value})", "quantized_layers": len(names),
+                "optimize": variant.optimize, "compute_dtype": str(compute_dtype).removeprefix("torch.")}
+        return HQQQuantizedModel(model, device, info=info)

@@ -1,0 +1,27 @@
+"""Every built-in suite validates and plans on the machine it ships to (no model weights loaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.suite import builtin_suites, load_suite
+
+
+@pytest.mark.parametrize("name", sorted(builtin_suites()))
+def test_builtin_suite_plans(name):
+    from harness.planner import plan
+
+    suite = load_suite(name)
+    p = plan(suite, device="cpu")
+    assert p.cells and sum(c.is_reference for c in p.cells) == 1
+    assert len({c.cell_id for c in p.cells}) == len(p.cells)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text()
+    command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
+    assert command in readme
