@@ -6,6 +6,7 @@ shapes before any work starts (`check`), and turns a float model into a `Quantiz
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -54,6 +55,24 @@ class ModelShapes:
 
     def targets(self, skip: tuple[str, ...] = ("lm_head",)) -> list[LinearShape]:
         return [s for s in self.linears if s.name.split(".")[-1] not in skip]
+
+
+def check_group_size(backend: str, group_size: int | None, shapes: ModelShapes) -> None:
+    """One line naming the first target layer whose width `group_size` does not divide, with
+    group sizes that would fit (e.g. SmolLM2's 576-wide layers refuse g128; g64 and g32 fit)."""
+    if group_size is None:
+        return
+    from harness.errors import HarnessError
+
+    targets = shapes.targets()
+    for s in targets:
+        if s.in_features % group_size:
+            common = math.gcd(*(t.in_features for t in targets))
+            fits = [g for g in (2**k for k in range(12, 2, -1)) if common % g == 0]
+            options = ([g for g in fits if g < group_size] or fits)[:2]
+            hint = f"try {' or '.join(map(str, options))}" if options else "no power-of-two group size >= 8 fits"
+            raise HarnessError(f"{backend}: group_size {group_size} does not divide in_features "
+                               f"{s.in_features} of {s.name} ({hint})")
 
 
 @dataclass

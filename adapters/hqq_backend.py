@@ -14,7 +14,6 @@ see: this adapter adds them to the counts. 3-bit codes are packed 10 to an int32
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
@@ -27,6 +26,7 @@ from harness.adapters.base import (
     ModelShapes,
     QuantizedModel,
     VariantConfig,
+    check_group_size,
 )
 from harness.errors import HarnessError
 from harness.storage import is_linear_like, tensor_bytes
@@ -81,12 +81,6 @@ class HQQQuantizedModel(QuantizedModel):
         return n_weights, n_bytes
 
 
-def _divisor_hint(group_size: int, widths: list[int]) -> str:
-    common = math.gcd(*widths)
-    fits = [g for g in (2**k for k in range(12, 2, -1)) if common % g == 0]
-    options = ([g for g in fits if g < group_size] or fits)[:2]
-    return f"try {' or '.join(map(str, options))}" if options else "no power-of-two group size >= 8 fits"
-
 
 class HQQAdapter(Adapter):
     name: ClassVar[str] = "hqq"
@@ -111,13 +105,7 @@ class HQQAdapter(Adapter):
         gs = variant.group_size
         if gs % 8:  # hqq's BaseQuantizeConfig asserts this
             raise HarnessError(f"hqq: group_size {gs} is not a multiple of 8 (hqq requires it)")
-        targets = shapes.targets()
-        for s in targets:
-            if s.in_features % gs:
-                hint = _divisor_hint(gs, [t.in_features for t in targets])
-                raise HarnessError(
-                    f"hqq: group_size {gs} does not divide in_features {s.in_features} of {s.name} ({hint})"
-                )
+        check_group_size("hqq", gs, shapes)
 
     @torch.no_grad()
     def quantize(

@@ -9,14 +9,13 @@ code when asymmetric) per group."""
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.adapters.base import Adapter, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.base import Adapter, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig, check_group_size
 from harness.errors import HarnessError
 from harness.packing import pack_bits, unpack_bits
 
@@ -34,13 +33,6 @@ class RTNVariant(VariantConfig):
             label += {"bfloat16": "-bf16scale", "float32": "-fp32scale"}[self.scale_dtype]
         return label
 
-
-def _divisor_hint(group_size: int, widths: list[int]) -> str:
-    """Two powers of two (>= 8) dividing every width, preferring ones below `group_size`."""
-    common = math.gcd(*widths)
-    fits = [g for g in (2**k for k in range(12, 2, -1)) if common % g == 0]
-    options = ([g for g in fits if g < group_size] or fits)[:2]
-    return f"try {' or '.join(map(str, options))}" if options else "try group_size: null for per-channel"
 
 
 def _stored_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -126,16 +118,7 @@ class RTNAdapter(Adapter):
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, RTNVariant)
-        gs = variant.group_size
-        if gs is None:
-            return
-        targets = shapes.targets()
-        for s in targets:
-            if s.in_features % gs:
-                hint = _divisor_hint(gs, [t.in_features for t in targets])
-                raise HarnessError(
-                    f"rtn: group_size {gs} does not divide in_features {s.in_features} of {s.name} ({hint})"
-                )
+        check_group_size("rtn", variant.group_size, shapes)
 
     @torch.no_grad()
     def quantize(

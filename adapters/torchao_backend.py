@@ -31,8 +31,8 @@ from harness.adapters.base import (
     ModelShapes,
     QuantizedModel,
     VariantConfig,
+    check_group_size,
 )
-from harness.adapters.rtn import _divisor_hint
 from harness.errors import HarnessError
 
 Scheme = Literal[
@@ -168,15 +168,7 @@ class TorchAOAdapter(Adapter):
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, TorchAOVariant)
         gs = variant.effective_group_size()
-        if gs is None:
-            return
-        targets = shapes.targets()
-        for s in targets:
-            if s.in_features % gs:
-                hint = _divisor_hint(gs, [t.in_features for t in targets])
-                raise HarnessError(
-                    f"torchao: group_size {gs} does not divide in_features {s.in_features} of {s.name} ({hint})"
-                )
+        check_group_size("torchao", gs, shapes)
 
     @torch.no_grad()
     def quantize(
