@@ -50,9 +50,11 @@ class BnbVariant(VariantConfig):
         if self.mode == "int8":
             if self.double_quant:
                 raise ValueError("bnb: double_quant applies to 4-bit modes (nf4, fp4), not int8")
-            if "compute_dtype" in self.model_fields_set and self.compute_dtype != "float32":
+            if self.compute_dtype != "float32":
                 raise ValueError("bnb: compute_dtype applies to 4-bit modes (nf4, fp4), not int8")
-        elif "threshold" in self.model_fields_set:
+        # compare with the default, not with fields_set: a variant must survive a dump/parse round
+        # trip (cells carry their full parameters to the worker process)
+        elif self.threshold != type(self).model_fields["threshold"].default:
             raise ValueError("bnb: threshold (the LLM.int8 outlier threshold) applies to mode int8 only")
         if self.threshold < 0:
             raise ValueError("bnb: threshold must be >= 0")

@@ -37,9 +37,11 @@ class HQQVariant(VariantConfig):
     group_size: int = Field(64, gt=0)
     axis: Literal[0, 1] = 1
     optimize: bool = False  # HQQ's half-quadratic solver (slow on CPU: see the module docstring)
+    compute_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # the whole model runs in it
 
     def label(self) -> str:
-        return f"int{self.bits}-g{self.group_size}-ax{self.axis}{'-opt' if self.optimize else ''}"
+        dtype = "" if self.compute_dtype == "float32" else f"-{self.compute_dtype.replace('float', 'fp').replace('bfp', 'bf')}"
+        return f"int{self.bits}-g{self.group_size}-ax{self.axis}{'-opt' if self.optimize else ''}{dtype}"
 
 
 def _meta_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -122,16 +124,14 @@ class HQQAdapter(Adapter):
         HQQLinear.set_backend(HQQBackend.PYTORCH)  # the portable backend (CPU and GPU)
         config = BaseQuantizeConfig(nbits=variant.bits, group_size=variant.group_size, axis=variant.axis)
         config["weight_quant_params"]["optimize"] = variant.optimize
-        compute_dtype = torch.float32 if device.type == "cpu" else torch.float16
+        compute_dtype = getattr(torch, variant.compute_dtype)
+        model = model.to(dtype=compute_dtype)  # HQQLinear computes in compute_dtype: so must its neighbours
         names = [name for name, mod in model.named_modules()
                  if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
         for name in names:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             linear = getattr(parent, child)
-            if linear.in_features % variant.group_size:
-                raise HarnessError(f"hqq: group_size {variant.group_size} does not divide in_features "
-                                   f"{linear.in_features} of {name}")
             setattr(parent, child, HQQLinear(linear, quant_config=config, compute_dtype=compute_dtype,
                                              device=str(device), del_orig=True))
         model = model.to(device)

@@ -134,6 +134,15 @@ def _skip_head(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and fqn.split(".")[-1] != "lm_head"
 
 
+def _has_mslk() -> bool:
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("mslk").split(".")[0]) >= 1
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+
+
 class TorchAOAdapter(Adapter):
     name: ClassVar[str] = "torchao"
     description: ClassVar[str] = "torchao quantize_ (int8 / int4 / intx / float8 tensor subclasses)"
@@ -159,6 +168,10 @@ class TorchAOAdapter(Adapter):
             return Availability(False,
                 "torchao int4_weight_only needs CUDA (and the package mslk on torchao >= 0.15): on CPU "
                 "quantize_ fails with 'Requires mslk >= 1.0.0'; use intx_weight_only with bits: 4 on CPU")
+        if variant.scheme == "int4_weight_only" and not _has_mslk():
+            return Availability(False,
+                "torchao int4_weight_only needs the package mslk >= 1.0.0, which is not installed (PyPI "
+                "serves only a 0.0.0 placeholder; seen on an H100 with torchao 0.18: 'Requires mslk >= 1.0.0')")
         if variant.scheme == "float8_dynamic_act_float8_weight" and not (dev == "cuda" and _fp8_capable_cuda()):
             return Availability(False,
                 "torchao float8_dynamic_act_float8_weight needs a CUDA GPU with compute capability >= 8.9 "

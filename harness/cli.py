@@ -121,7 +121,7 @@ def _fmt(value, unc=None) -> str:
 
 
 def _print_summary(run_dir) -> None:
-    records = run_dir.records()
+    records = run_dir.current_records()
     by_cell: dict[str, dict] = {}
     for r in records:
         row = by_cell.setdefault(r.cell_id, {"cell": f"{r.model} {r.backend}:{r.variant}", "status": "?"})

@@ -31,6 +31,7 @@ class CellIdentity(BaseModel):
 
 class Record(CellIdentity):
     run_id: str
+    attempt: int = 1  # a resumed run runs a failed cell again: its records get the next attempt
     measurement: str  # e.g. "perplexity", "footprint", "quantize", "cell"
     metric: str  # e.g. "ppl", "weight_bytes", "bits_per_weight", "seconds", "status"
     value: float | None = None

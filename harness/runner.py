@@ -33,12 +33,13 @@ def default_out(suite: Suite) -> Path:
 
 
 def finished_cells(run_dir: RunDir) -> set[str]:
-    return {r.cell_id for r in run_dir.records() if r.measurement == "cell" and r.status == "ok"}
+    return {r.cell_id for r in run_dir.current_records() if r.measurement == "cell" and r.status == "ok"}
 
 
-def cell_records(cell: CellSpec, run_id: str, hardware_profile: str, outcome: CellOutcome) -> list[Record]:
+def cell_records(cell: CellSpec, run_id: str, hardware_profile: str, outcome: CellOutcome,
+                 attempt: int = 1) -> list[Record]:
     identity = {
-        "run_id": run_id, "cell_id": cell.cell_id, "suite": cell.suite, "model": cell.model,
+        "run_id": run_id, "attempt": attempt, "cell_id": cell.cell_id, "suite": cell.suite, "model": cell.model,
         "backend": cell.backend, "variant": cell.variant, "variant_params": cell.variant_params,
         "device": cell.device, "hardware_profile": hardware_profile, "is_reference": cell.is_reference,
     }
@@ -113,6 +114,9 @@ def run_suite(
         run_dir.write_run_info(info)
 
     done = finished_cells(run_dir) if previous else set()
+    attempts: dict[str, int] = {}
+    for r in run_dir.records() if previous else []:
+        attempts[r.cell_id] = max(attempts.get(r.cell_id, 0), r.attempt)
     todo = [c for c in the_plan.cells if c.cell_id not in done]
     emit("planned", {"run_dir": run_dir.path, "total": len(the_plan.cells), "todo": len(todo),
                      "done": len(the_plan.cells) - len(todo), "device": the_plan.device, "profile": profile})
@@ -125,13 +129,13 @@ def run_suite(
         else:
             outcome = executor.run(cell, run_dir.cell_dir(cell.cell_id),
                                    progress=lambda d, t, w: emit("progress", {"done": d, "total": t, "what": w}))
-        run_dir.append(cell_records(cell, run_id, profile, outcome))
+        run_dir.append(cell_records(cell, run_id, profile, outcome, attempts.get(cell.cell_id, 0) + 1))
         failed += outcome.status == "failed"
         emit("cell_end", {"cell": cell, "outcome": outcome})
 
     from harness.gates import evaluate
 
-    gate_results = evaluate(suite.gates, run_dir.records())
+    gate_results = evaluate(suite.gates, run_dir.current_records())
     info["finished_at"] = utc_now()
     info["gates"] = [vars(g) for g in gate_results]
     run_dir.write_run_info(info)

@@ -98,6 +98,17 @@ class RunDir:
                 ) from None
         return out
 
+    def current_records(self) -> list[Record]:
+        """What the run says now: for each cell of the current plan (run.json 'cells'), the records
+        of its latest attempt. Earlier attempts (a failed cell that was resumed) and cells that a
+        changed suite no longer has stay in records.jsonl, but not in tables, reports or gates."""
+        planned = {c["cell_id"] for c in self.run_info().get("cells", [])}
+        records = [r for r in self.records() if not planned or r.cell_id in planned]
+        latest: dict[str, int] = {}
+        for r in records:
+            latest[r.cell_id] = max(latest.get(r.cell_id, 0), r.attempt)
+        return [r for r in records if r.attempt == latest[r.cell_id]]
+
     # -- writing --------------------------------------------------------------------------
     def append(self, records: list[Record]) -> None:
         """Append all records of one cell in a single write, then fsync."""
@@ -125,11 +136,13 @@ class RunDir:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def load_records(run_dir: str | Path):
-    """All records of a run as a pandas DataFrame (one row per metric value)."""
+def load_records(run_dir: str | Path, all_attempts: bool = False):
+    """A run's records as a pandas DataFrame (one row per metric value): by default the current
+    ones (see RunDir.current_records); all_attempts=True gives every line of records.jsonl."""
     import pandas as pd
 
     from harness.records import RECORD_COLUMNS
 
-    rows = [r.model_dump() for r in RunDir(run_dir).records()]
+    rd = RunDir(run_dir)
+    rows = [r.model_dump() for r in (rd.records() if all_attempts else rd.current_records())]
     return pd.DataFrame(rows, columns=RECORD_COLUMNS)

@@ -147,3 +147,20 @@ def test_gates_pass_and_fail(tmp_path, harness_env):
 def test_gate_needs_a_bound(tmp_path):
     s = write_suite(tmp_path / "g.yaml", "name: g\nmodels: [tiny:llama]\nbackends: [{name: fp}]\ngates: [{metric: ppl}]\n")
     one_line_error(["run", "--suite", str(s)], "gates[0]", "at least one of max")
+
+
+def test_current_records_keep_the_latest_attempt(tmp_path):
+    from harness.records import Record
+    from harness.store import RunDir, load_records
+
+    rd = RunDir(tmp_path / "r")
+    ident = dict(run_id="r", suite="s", model="m", backend="b", device="cpu")
+    rd.create({"run_id": "r", "cells": [{"cell_id": "c1"}, {"cell_id": "c2"}]})
+    rd.append([Record(**ident, cell_id="c1", variant="v1", measurement="footprint", metric="weight_bytes", value=1),
+               Record(**ident, cell_id="c1", variant="v1", measurement="cell", metric="duration_s", status="failed", error="x")])
+    rd.append([Record(**ident, cell_id="old", variant="gone", measurement="cell", metric="duration_s")])
+    rd.append([Record(**ident, cell_id="c1", variant="v1", attempt=2, measurement="footprint", metric="weight_bytes", value=2),
+               Record(**ident, cell_id="c1", variant="v1", attempt=2, measurement="cell", metric="duration_s")])
+    current = rd.current_records()
+    assert [(r.metric, r.value, r.status) for r in current] == [("weight_bytes", 2, "ok"), ("duration_s", None, "ok")]
+    assert len(load_records(rd.path, all_attempts=True)) == 5 and len(load_records(rd.path)) == 2

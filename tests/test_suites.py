@@ -25,3 +25,19 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (root / ".ci" / "run").read_text()
     command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
     assert command in readme
+
+
+@pytest.mark.parametrize("name", sorted(builtin_suites()) + ["gpu-backends"])
+def test_variants_survive_the_trip_to_the_worker(name):
+    """Cells carry a variant's full dump to the worker, which parses it again: it must round-trip."""
+    from pathlib import Path
+
+    from harness.adapters import get_adapter
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu-backends.yaml"
+    suite = load_suite(str(path) if name == "gpu-backends" else name)
+    for spec in suite.backends:
+        adapter = get_adapter(spec.name)
+        for raw in spec.variants:
+            variant = adapter.parse_variant(raw)
+            assert adapter.parse_variant(variant.model_dump(mode="json")) == variant
