@@ -119,15 +119,17 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool = 
 
 
 def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: identity, status (failed if any of its records failed) and the first error."""
+    """One row per cell: identity, status (failed or skipped if any of its records says so) and the
+    first error or skip reason."""
     cols = ["cell_id", "model", "backend", "variant", "is_reference", "status", "error"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     rows = []
     for cell_id, g in df.groupby("cell_id", sort=False):
         first = g.iloc[0]
-        failed = g[g["status"] == "failed"]
+        failed = g[g["status"].isin(["failed", "skipped"])]
         errors = [e for e in failed["error"] if not _missing(e)]
+        status = "failed" if (g["status"] == "failed").any() else ("skipped" if len(failed) else "ok")
         rows.append(
             {
                 "cell_id": cell_id,
@@ -135,7 +137,7 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
                 "backend": first["backend"],
                 "variant": first["variant"],
                 "is_reference": bool(g["is_reference"].any()),
-                "status": "failed" if len(failed) else "ok",
+                "status": status,
                 "error": errors[0] if errors else ("" if not len(failed) else "(no reason recorded)"),
             }
         )
@@ -394,6 +396,7 @@ def write_report(run_dir: str | Path) -> Path:
     cells = cell_summary(df)
     n_ok = int((cells["status"] == "ok").sum())
     failed = cells[cells["status"] == "failed"]
+    skipped = cells[cells["status"] == "skipped"]
     figs = frontier_figures(df) if n_ok else []
     table = cell_table(df) if len(cells) else Table([], [])
 
@@ -411,10 +414,12 @@ def write_report(run_dir: str | Path) -> Path:
         n_cells=len(cells),
         n_ok=n_ok,
         n_failed=len(failed),
+        n_skipped=len(skipped),
         plotly_js=Markup(plotly.offline.get_plotlyjs()) if figs else None,
         figures=[_figure_html(f, i) for i, f in enumerate(figs)],
         table=table,
         failed=[(str(r.model), str(r.backend), str(r.variant), str(r.error)) for r in failed.itertuples()],
+        skipped=[(str(r.model), str(r.backend), str(r.variant), str(r.error)) for r in skipped.itertuples()],
     )
     out = rd.report_path
     tmp = out.with_suffix(".html.tmp")

@@ -70,6 +70,9 @@ def run_dir(tmp_path):
     rd.append(_cell("int4", "rtn", 4.25, 11.20, quant_s=1.2))
     rd.append(_cell(EVIL, "rtn", 5.0, 12.0, quant_s=1.0))  # dominated by int4 and escaped everywhere
     rd.append(_failed())
+    rd.append([Record(cell_id="ao-int4wo", suite="smoke", model=MODEL, backend="torchao", variant="int4wo-g64",
+                      device="cpu", run_id="r1", measurement="cell", metric="duration_s", status="skipped",
+                      error="unavailable: torchao int4_weight_only needs CUDA")])
     return rd
 
 
@@ -97,6 +100,7 @@ def test_report_content(run_dir):
     for variant in ("fp32", "bf16", "int8", "int4"):
         assert variant in page
     assert "worker died: signal SIGSEGV" in page
+    assert "Skipped cells" in page and "torchao int4_weight_only needs CUDA" in page and "1 skipped" in page
     assert "Perplexity (gptq protocol, 4096 tokens, boolq-wiki) vs bits per weight" in page
     assert "vs weight size" in page
     assert "latency/tokens_per_s (tok/s)" in page  # unknown metrics become generic columns
@@ -111,7 +115,7 @@ def test_report_escapes_record_text(run_dir):
 
 def test_table_rows_and_ratio(run_dir):
     table = cell_table(load_records(run_dir.path))
-    assert len(table.rows) == 6
+    assert len(table.rows) == 7
     h = table.headers
     by_variant = {row[h.index("variant")][0]: row for row in table.rows}
     ratio_col = h.index("ppl ÷ reference ppl (plain ratio)")
@@ -121,6 +125,7 @@ def test_table_rows_and_ratio(run_dir):
     assert by_variant["int8"][h.index("cell duration (s)")][0] == "12.5"
     assert by_variant["int4"][h.index("weight MB")][0] == "53.12"
     assert by_variant["int2"][h.index("status")][0] == "failed"
+    assert by_variant["int4wo-g64"][h.index("status")][0] == "skipped"
     assert by_variant["int4"][h.index("perplexity/ppl ± unc (n)")][0] == "11.2 ± 0.05 (n=4096)"
 
 
