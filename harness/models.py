@@ -200,6 +200,8 @@ def load_model(source: ModelSource, dtype=None):
     except OSError as exc:
         raise HarnessError(f"cannot load model '{source.name}': {str(exc).splitlines()[0]}") from None
     model.eval()
+    # adapters that work from files (llama.cpp, ONNX) need to know where the weights came from
+    model.qharness_source = source
     return model, AutoTokenizer.from_pretrained(source.path)
 
 
