@@ -15,6 +15,7 @@ BACKENDS: Registry = Registry(
         "bnb": "harness.adapters.bnb:BitsAndBytesAdapter",
         "quanto": "harness.adapters.quanto:QuantoAdapter",
         "hqq": "harness.adapters.hqq_backend:HQQAdapter",
+        "llamacpp": "harness.adapters.llamacpp:LlamaCppAdapter",
     },
 )
 

@@ -156,6 +156,7 @@ class CellSpec(BaseModel):
     calibration: dict[str, Any] | None = None
     timeout_s: float
     is_reference: bool = False
+    reference_cell_id: str | None = None  # the same model's reference cell (runs first), for paired metrics
 
 
 def cell_id_for(identity: dict[str, Any]) -> str:

@@ -90,8 +90,9 @@ def run_cell(cell_dir: Path) -> None:
         spec = dict(spec)
         measurement = get_measurement(spec.pop("name"))
         params = measurement.Params.model_validate(spec)
-        ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model,
-                          artifact_dir=cell_dir, progress=emit.progress)
+        reference_dir = cell_dir.parent / cell.reference_cell_id if cell.reference_cell_id else None
+        ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model, artifact_dir=cell_dir,
+                          reference_dir=reference_dir, progress=emit.progress)
         emit.values(measurement.name, measurement.run(ctx, params))
 
     provenance = {

@@ -78,5 +78,13 @@ def test_llm_smoke_end_to_end(tmp_path):
     assert wb["int4-g64-asym"] < wb["int8-pc-sym"] < wb["bf16"] < wb["fp32"]
     ppl_rows = df[df.metric == "ppl"]
     assert (ppl_rows.protocol == "gptq").all() and (ppl_rows.n == 8 * 255).all() and (ppl_rows.uncertainty > 0).all()
+    # paired ratio to the reference: consistent with the plain ratio, and far tighter than the
+    # per-cell error bars (the cells score the same tokens)
+    ratio = df[df.metric == "ppl_ratio"].set_index("variant")
+    assert set(ratio.index) == {"bf16", "int8-pc-sym", "int4-g64-asym"}
+    for variant, row in ratio.iterrows():
+        assert row.value == pytest.approx(ppl[variant] / ppl["fp32"], rel=1e-6)
+        assert row.uncertainty < ppl_rows.set_index("variant").uncertainty[variant] / ppl[variant] / 2
+    assert ratio.value["int4-g64-asym"] - 3 * ratio.uncertainty["int4-g64-asym"] > 1.0  # int4 is worse, beyond noise
     html = (out / "report.html").read_text()
     assert "int4-g64-asym" in html and "Pareto" in html

@@ -34,3 +34,25 @@ def test_uniform_model_has_vocab_perplexity():
     ids = torch.randint(0, 13, (1, 50))
     ppl, _ = ppl_with_stderr(token_nll(logits, ids).flatten().numpy())
     assert abs(ppl - 13) < 1e-9
+
+
+def test_paired_ratio_by_hand(tmp_path):
+    import json
+
+    from harness.metrics.perplexity import paired_ratio, paired_values
+
+    ref = np.array([1.0, 2.0, 3.0, 4.0])
+    cand = ref + np.array([0.1, 0.3, 0.1, 0.3])
+    np.save(tmp_path / "nll-c-8.npy", ref)
+    (tmp_path / "nll-c-8.json").write_text(json.dumps({"tokens_sha1": "abc", "n": 4}))
+    p = paired_ratio(cand, "abc", tmp_path, "nll-c-8")
+    assert math.isclose(p["ln_ratio"], 0.2)
+    sd = math.sqrt(4 * 0.1**2 / 3)
+    assert math.isclose(p["ln_se"], sd / 2)
+    ratio, ln = paired_values(p, "gptq", {})
+    assert math.isclose(ratio.value, math.exp(0.2)) and math.isclose(ratio.uncertainty, math.exp(0.2) * sd / 2)
+    # the paired error is far below what two independent errors would give
+    independent = math.hypot(ref.std(ddof=1), cand.std(ddof=1)) / 2
+    assert ln.uncertainty < independent / 5
+    assert paired_ratio(cand, "other tokens", tmp_path, "nll-c-8") is None
+    assert paired_ratio(cand, "abc", None, "nll-c-8") is None

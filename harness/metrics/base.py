@@ -37,6 +37,7 @@ class CellContext:
     tokenizer: Any
     model_name: str
     artifact_dir: Path
+    reference_dir: Path | None = None  # the reference cell's artifacts (absent if it has not run)
     progress: Callable[[int, int, str], None] = lambda done, total, what: None
 
 

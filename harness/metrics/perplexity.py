@@ -9,6 +9,7 @@ are correlated, so read it as a lower bound. Per-token NLLs are saved for paired
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from typing import Literal
 
@@ -67,19 +68,52 @@ class Perplexity(Measurement):
         nll = torch.cat(nlls).numpy()
         if not np.isfinite(nll).all():
             raise HarnessError(f"perplexity: {int((~np.isfinite(nll)).sum())} non-finite token NLLs (model output inf/nan)")
-        np.save(ctx.artifact_dir / f"nll-{params.corpus}-{params.seq_len}.npy", nll.astype(np.float32))
+        tokens_sha1 = hashlib.sha1(windows.numpy().tobytes()).hexdigest()
+        stem = f"nll-{params.corpus}-{params.seq_len}"
+        np.save(ctx.artifact_dir / f"{stem}.npy", nll)
+        (ctx.artifact_dir / f"{stem}.json").write_text(json.dumps({"tokens_sha1": tokens_sha1, "n": int(nll.size)}))
         ppl, se = ppl_with_stderr(nll)
         info = corpus_info(params.corpus, "eval")
         detail = {
             **params.model_dump(),
             "windows": n_windows,
             "corpus_sha256": info.get("sha256"),
-            "tokens_sha1": hashlib.sha1(windows.numpy().tobytes()).hexdigest(),
+            "tokens_sha1": tokens_sha1,
         }
-        return [
+        paired = paired_ratio(nll, tokens_sha1, ctx.reference_dir, stem)
+        return paired_values(paired, params.protocol, detail) + [
             MetricValue("ppl", ppl, "ppl", n=int(nll.size), uncertainty=se, uncertainty_kind="stderr (token-level, delta method)",
                         protocol=params.protocol, params=detail),
             MetricValue("nll", float(nll.mean()), "nats/token", n=int(nll.size),
                         uncertainty=float(nll.std(ddof=1) / math.sqrt(nll.size)), uncertainty_kind="stderr (token-level)",
                         protocol=params.protocol, params=detail),
         ]
+
+
+def paired_ratio(nll: np.ndarray, tokens_sha1: str, reference_dir, stem: str) -> dict | None:
+    """Paired ln-PPL-ratio against the reference cell's NLLs on the very same tokens, if present."""
+    if reference_dir is None:
+        return None
+    meta, values = reference_dir / f"{stem}.json", reference_dir / f"{stem}.npy"
+    if not (meta.exists() and values.exists()):
+        return None
+    if json.loads(meta.read_text()).get("tokens_sha1") != tokens_sha1:
+        return None  # not the same tokens: no pairing
+    diff = nll - np.load(values)
+    ln_ratio = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    return {"ln_ratio": ln_ratio, "ln_se": se, "n": int(diff.size), "reference_cell": reference_dir.name}
+
+
+def paired_values(paired: dict | None, protocol: str, detail: dict) -> list[MetricValue]:
+    if paired is None:
+        return []
+    ratio = math.exp(paired["ln_ratio"])
+    params = {**detail, "reference_cell": paired["reference_cell"]}
+    kind = "stderr (paired per-token differences vs the reference, delta method)"
+    return [
+        MetricValue("ppl_ratio", ratio, "x", n=paired["n"], uncertainty=ratio * paired["ln_se"],
+                    uncertainty_kind=kind, protocol=protocol, params=params),
+        MetricValue("ln_ppl_ratio", paired["ln_ratio"], "nats/token", n=paired["n"], uncertainty=paired["ln_se"],
+                    uncertainty_kind="stderr (paired per-token differences vs the reference)", protocol=protocol, params=params),
+    ]

@@ -1,0 +1,410 @@
+"""GGUF quantization and inference through llama.cpp (llama-cpp-python): llama.cpp's own
+quantizer (`llama_model_quantize`) and llama.cpp's own logits, on the token ids the harness
+gives every backend (the HF tokenizer's; llama.cpp's tokenizer is never used).
+
+Pipeline, each step cached under `harness.models.cache_root()`:
+
+1. `ensure_converter()`: llama.cpp's `convert_hf_to_gguf.py` is in neither the `gguf` wheel nor
+   the llama-cpp-python wheel, only in the llama-cpp-python sdist (vendor/llama.cpp/). The sdist of
+   the *installed* version is fetched once with `pip download` and only the converter, its
+   `conversion/` package, `gguf-py/` and `models/templates/` are extracted to
+   `llama.cpp-<version>/`. Offline, point QHARNESS_CONVERT_HF_TO_GGUF at a converter instead.
+2. The model's HF folder is converted to an F16 GGUF (a subprocess with this interpreter), under
+   `gguf/<model-key>/`. The installed `gguf` package is used unless the converter uses names it
+   lacks; then the converter's bundled gguf-py (llama-cpp-python 0.3.36's converter needs
+   `gguf.LazyChunkedTensor`, absent from PyPI's gguf 0.19.0 despite the same version number).
+   The converter imports `sentencepiece` for Llama vocabularies (in the `gguf` extra).
+3. `llama_model_quantize` writes the requested type next to it (llama.cpp's quantization mixes:
+   Q4_K_M keeps some tensors at Q6_K, and tensors whose width is not a multiple of 256 - SmolLM2's
+   576 - fall back to a legacy type; `info["tensor_types"]` shows what was really written).
+
+Quantizing source: by default from the F16 conversion of the HF weights, the same float weights
+every other backend starts from, so the comparison is fair. `source: original` instead requantizes
+the GGUF file the model was shipped as (allow_requantize): a double-quantization that only models
+what a user holding nothing but that file would get.
+
+No importance matrix: llama-cpp-python exposes no imatrix computation (llama.cpp's is the
+`llama-imatrix` tool, not part of libllama's API), so the knob is not offered; the quantize
+parameters do accept precomputed imatrix data, a possible later addition.
+
+Bytes: `weight_bytes` sums the GGUF tensors' data (not the file, which also holds the
+vocabulary); `linear_stats` counts the seven projection tensors of every block (the embedding and
+the output head are left out, as lm_head is for every backend).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.errors import HarnessError
+
+CONVERTER_ENV = "QHARNESS_CONVERT_HF_TO_GGUF"
+_VENDOR = "vendor/llama.cpp/"
+# what convert_hf_to_gguf.py needs next to it (conversion/ exists in recent llama.cpp only)
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/")
+_LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+
+QType = Literal["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "original"]
+_FTYPES = {
+    "F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+
+
+class LlamaCppVariant(VariantConfig):
+    qtype: QType
+    # what to quantize from: the F16 conversion of the HF weights (default: the same float weights
+    # every backend starts from) or the GGUF file the model shipped as (requantization)
+    source: Literal["f16", "original"] = "f16"
+
+    def label(self) -> str:
+        if self.qtype == "original" or self.source == "f16":
+            return self.qtype
+        return f"{self.qtype}-from-original"
+
+
+# --- the converter ---------------------------------------------------------------------------------
+
+def _llama_cpp_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        raise HarnessError("llamacpp: llama-cpp-python is not installed (pip install 'qharness[gguf]')") from None
+
+
+def _extract_converter(sdist: Path, dest: Path) -> Path:
+    """Extract convert_hf_to_gguf.py and what it imports from a llama-cpp-python sdist into
+    `dest` (atomically: a half-extracted folder is never left under the final name)."""
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        with tarfile.open(sdist) as tar:
+            for member in tar:
+                top, _, rest = member.name.partition("/")
+                if not member.isfile() or not rest.startswith(_VENDOR):
+                    continue
+                rel = rest[len(_VENDOR):]
+                if not rel.startswith(_CONVERTER_PARTS) or ".." in Path(rel).parts:
+                    continue
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+        if not (tmp / "convert_hf_to_gguf.py").is_file():
+            raise HarnessError(f"llamacpp: {sdist.name} holds no {_VENDOR}convert_hf_to_gguf.py")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "convert_hf_to_gguf.py"
+
+
+def ensure_converter() -> Path:
+    """Path of llama.cpp's convert_hf_to_gguf.py matching the installed llama-cpp-python: from
+    QHARNESS_CONVERT_HF_TO_GGUF if set, else from the cache, else fetched once from PyPI (the
+    sdist of the installed version, ~75 MB) and extracted (convert script + conversion/ +
+    gguf-py/ + models/templates/, ~2.3 MB)."""
+    override = os.environ.get(CONVERTER_ENV)
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise HarnessError(f"llamacpp: {CONVERTER_ENV}={override} is not a file")
+        return path
+    from harness.models import cache_root
+
+    version = _llama_cpp_version()
+    dest = cache_root() / f"llama.cpp-{version}"
+    script = dest / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qharness-sdist-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               f"llama-cpp-python=={version}", "-d", tmp, "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"pip exited with {proc.returncode}"
+            raise HarnessError(
+                f"llamacpp: could not fetch the llama-cpp-python {version} sources for convert_hf_to_gguf.py "
+                f"({why}); set {CONVERTER_ENV}=/path/to/convert_hf_to_gguf.py from a llama.cpp checkout")
+        return _extract_converter(sdists[0], dest)
+
+
+def _missing_in_installed_gguf(script: Path) -> list[str]:
+    """Names the converter uses (`gguf.X`, `gguf.X.Y`) that the installed gguf lacks. Version
+    numbers do not tell: llama.cpp's bundled gguf-py runs ahead of the PyPI release of the same
+    number (0.3.36's converter needs gguf.LazyChunkedTensor; PyPI gguf 0.19.0 has none)."""
+    import gguf
+
+    files = [script, *sorted((script.parent / "conversion").glob("*.py"))]
+    missing: set[str] = set()
+    for f in files:
+        for first, second in re.findall(r"\bgguf\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", f.read_text(errors="replace")):
+            if not hasattr(gguf, first):
+                missing.add(first)
+            elif second and isinstance(getattr(gguf, first), type) and not hasattr(getattr(gguf, first), second):
+                missing.add(f"{first}.{second}")
+    return sorted(missing)
+
+
+def _gguf_choice(script: Path) -> tuple[bool, str]:
+    """(use the installed gguf?, description): the installed gguf unless the converter uses
+    something it lacks and the converter's own gguf-py is there to use instead."""
+    from importlib.metadata import version
+
+    installed = version("gguf")
+    missing = _missing_in_installed_gguf(script)
+    if not missing or not (script.parent / "gguf-py" / "gguf").is_dir():
+        return True, f"installed gguf {installed}"
+    return False, f"bundled gguf-py (installed gguf {installed} lacks {', '.join(missing[:3])})"
+
+
+def _run_converter(script: Path, hf_dir: Path, out: Path, use_installed: bool) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if use_installed:
+        env["NO_LOCAL_GGUF"] = "1"  # the script otherwise puts its gguf-py first on sys.path
+    else:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(script.parent / "gguf-py"), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", "f16"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def convert_to_f16(hf_dir: Path, out: Path) -> dict[str, Any]:
+    """Convert a Hugging Face folder to an F16 GGUF at `out` (atomic); returns provenance."""
+    script = ensure_converter()
+    use_installed, which = _gguf_choice(script)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
+    proc = _run_converter(script, hf_dir, tmp, use_installed)
+    if proc.returncode != 0 and use_installed and (script.parent / "gguf-py").is_dir():
+        # a converter newer than the installed gguf of the same version number: use its own
+        which = "bundled gguf-py (the installed gguf failed with this converter)"
+        proc = _run_converter(script, hf_dir, tmp, False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        raise HarnessError(f"llamacpp: convert_hf_to_gguf.py failed on {hf_dir}: {lines[-1] if lines else proc.returncode}")
+    os.replace(tmp, out)
+    meta = {"converter": str(script), "gguf": which, "convert_s": round(time.perf_counter() - t0, 1)}
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    return meta
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+def _hf_dir(source: Any) -> Path:
+    path = Path(source.path)
+    if path.is_dir():
+        return path
+    try:  # a hub id: transformers has already downloaded it to the hub cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.path, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001
+        raise HarnessError(f"llamacpp: no local folder for model '{source.name}' ({type(exc).__name__})") from None
+
+
+def _model_dir(source: Any) -> Path:
+    from harness.models import cache_root
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-")[:60]
+    digest = hashlib.sha1(str(source.path).encode()).hexdigest()[:10]
+    return cache_root() / "gguf" / f"{slug}-{digest}"
+
+
+def _quiet_llama_cpp() -> None:
+    """llama.cpp logs through llama-cpp-python's callback, which prints what its logger allows."""
+    import llama_cpp  # noqa: F401 - installs the log callback
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, allow_requantize: bool = False) -> float:
+    """llama.cpp's quantizer, src -> dst (atomic); returns seconds."""
+    import llama_cpp
+
+    _quiet_llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, _FTYPES[qtype])
+    params.nthread = os.cpu_count() or 1
+    params.allow_requantize = allow_requantize
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    t0 = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise HarnessError(f"llamacpp: llama_model_quantize {src.name} -> {qtype} failed (return code {rc})")
+    os.replace(tmp, dst)
+    return time.perf_counter() - t0
+
+
+def gguf_tensor_stats(path: str | Path) -> dict[str, Any]:
+    """Tensor data bytes, decoder-linear (weights, bytes) and counts per ggml type of a GGUF file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    total = lin_w = lin_b = 0
+    types: Counter = Counter()
+    for t in reader.tensors:
+        total += int(t.n_bytes)
+        types[t.tensor_type.name] += 1
+        if _LINEAR_TENSOR.match(t.name):
+            lin_w += int(t.n_elements)
+            lin_b += int(t.n_bytes)
+    return {"tensor_bytes": total, "linear_weights": lin_w, "linear_bytes": lin_b, "tensor_types": dict(sorted(types.items()))}
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+class LlamaCppModel(QuantizedModel):
+    """A GGUF file run by llama.cpp. `module` is an empty placeholder: nothing lives in torch."""
+
+    def __init__(self, path: Path, device: torch.device, info: dict[str, Any]):
+        stats = gguf_tensor_stats(path)
+        super().__init__(torch.nn.Module(), device, info={**info, "tensor_types": stats["tensor_types"]})
+        self.path = Path(path)
+        self._stats = stats
+        self._llm = None
+        self._n_ctx = 0
+
+    def _llama(self, n_tokens: int):
+        if self._llm is None or n_tokens > self._n_ctx:
+            from llama_cpp import Llama
+
+            _quiet_llama_cpp()
+            self._llm = None  # free the old context first
+            threads = os.cpu_count() or 1
+            self._llm = Llama(model_path=str(self.path), n_ctx=n_tokens, n_batch=min(n_tokens, 512),
+                              logits_all=True, n_threads=threads, n_threads_batch=threads,
+                              n_gpu_layers=-1 if self.device.type == "cuda" else 0, verbose=False)
+            self._n_ctx = n_tokens
+        return self._llm
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.detach().cpu().to(torch.int64)
+        if ids.dim() == 1:
+            ids = ids[None]
+        llm = self._llama(ids.shape[1])
+        rows = []
+        for row in ids.tolist():
+            llm.reset()
+            llm.eval(row)
+            rows.append(np.array(llm.scores[: len(row)], dtype=np.float32, copy=True))
+        return torch.from_numpy(np.stack(rows))
+
+    def weight_bytes(self) -> int:
+        return self._stats["tensor_bytes"]
+
+    def linear_stats(self) -> tuple[int, int]:
+        return self._stats["linear_weights"], self._stats["linear_bytes"]
+
+
+class LlamaCppAdapter(Adapter):
+    name: ClassVar[str] = "llamacpp"
+    description: ClassVar[str] = "GGUF quantization and inference through llama.cpp (llama-cpp-python)"
+    extra: ClassVar[str | None] = "gguf"
+    Variant: ClassVar[type[VariantConfig]] = LlamaCppVariant
+
+    def availability(self, device: str = "cpu") -> Availability:
+        try:
+            import llama_cpp
+        except ImportError:
+            return Availability.missing("llama-cpp-python", self.extra)
+        except Exception as exc:  # noqa: BLE001 - e.g. the shared library fails to load
+            return Availability(False, f"llama-cpp-python does not load: {type(exc).__name__}: {exc}".splitlines()[0])
+        if str(device).startswith("cuda") and not llama_cpp.llama_supports_gpu_offload():
+            return Availability(False, "this llama-cpp-python build has no GPU offload (built without CUDA)")
+        return Availability(True)
+
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"llama-cpp-python": _llama_cpp_version(), "gguf": version("gguf")}
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        """Refuses `original` (qtype or source) for a model that did not come from a GGUF file.
+        ModelShapes carries the model's source only where the planner provides it
+        (`shapes.source`); without it this is checked when quantizing."""
+        assert isinstance(variant, LlamaCppVariant)
+        if "original" not in (variant.qtype, variant.source):
+            return
+        source = getattr(shapes, "source", None)
+        if source is not None and not (getattr(source, "meta", None) or {}).get("gguf_file"):
+            raise HarnessError(self._no_original(variant, getattr(source, "name", "?")))
+
+    @staticmethod
+    def _no_original(variant: LlamaCppVariant, model: str) -> str:
+        what = "qtype 'original'" if variant.qtype == "original" else "source 'original'"
+        return (f"llamacpp: {what} needs a model shipped as a GGUF file (e.g. builtin:smollm2-135m); "
+                f"model '{model}' is not one (use source: f16)")
+
+    def quantize(
+        self,
+        model: torch.nn.Module,
+        variant: VariantConfig,
+        calibration: CalibrationSet | None,
+        device: torch.device,
+    ) -> QuantizedModel:
+        """Convert (cached), quantize with llama.cpp (cached) and open the file with llama.cpp.
+        The torch model is only asked where its weights came from (`model.qharness_source`)."""
+        assert isinstance(variant, LlamaCppVariant)
+        device = torch.device(device)
+        source = getattr(model, "qharness_source", None)
+        if source is None:
+            raise HarnessError("llamacpp: the model has no qharness_source (load it with harness.models.load_model)")
+        original = (source.meta or {}).get("gguf_file")
+        if "original" in (variant.qtype, variant.source) and not original:
+            raise HarnessError(self._no_original(variant, source.name))
+        info: dict[str, Any] = {"kernel": f"llama.cpp ({'cuda' if device.type == 'cuda' else 'cpu'})"}
+        folder = _model_dir(source)
+        folder.mkdir(parents=True, exist_ok=True)
+        version = _llama_cpp_version()
+
+        if variant.qtype == "original":
+            path = Path(original)
+        else:
+            if variant.source == "original":
+                base, requantize = Path(original), True
+            else:
+                base, requantize = folder / f"f16-llama.cpp-{version}.gguf", False
+                if base.is_file():
+                    meta = json.loads(base.with_suffix(".json").read_text()) if base.with_suffix(".json").is_file() else {}
+                    info["conversion"] = {**meta, "cached": True}
+                else:
+                    info["conversion"] = {**convert_to_f16(_hf_dir(source), base), "cached": False}
+            if variant.qtype == "F16" and not requantize:
+                path = base
+            else:
+                path = folder / f"{variant.label()}-llama.cpp-{version}.gguf"
+                if path.is_file():
+                    info["quantize"] = {"cached": True}
+                else:
+                    secs = quantize_gguf(base, path, variant.qtype, allow_requantize=requantize)
+                    info["quantize"] = {"cached": False, "seconds": round(secs, 1)}
+        info["gguf_file"] = str(path)
+        return LlamaCppModel(path, device, info)
