@@ -47,6 +47,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -244,23 +245,60 @@ def _quiet_llama_cpp() -> None:
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 
-def quantize_gguf(src: Path, dst: Path, qtype: str, allow_requantize: bool = False) -> float:
-    """llama.cpp's quantizer, src -> dst (atomic); returns seconds."""
+_LOG: list[str] = []
+
+
+def _collect_log(level: int, text: bytes, user_data: Any) -> None:
+    _LOG.append((text or b"").decode("utf-8", errors="replace"))
+
+
+_COLLECTOR: Any = None  # the ctypes callback object; must stay alive while installed
+
+
+@contextmanager
+def _collected_llama_log():
+    """Collect llama.cpp's log instead of printing it. Needed for the quantizer: llama-cpp-python
+    0.3.36 maps ggml's log levels off by one (WARN reads as ERROR), so `verbose=False` still
+    prints one fallback warning per tensor. Restores llama-cpp-python's own callback after."""
+    global _COLLECTOR
+    import llama_cpp
+    from llama_cpp import _logger
+
+    if _COLLECTOR is None:
+        _COLLECTOR = llama_cpp.llama_log_callback(_collect_log)
+    _LOG.clear()
+    llama_cpp.llama_log_set(_COLLECTOR, ctypes.c_void_p(0))
+    try:
+        yield _LOG
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, allow_requantize: bool = False) -> dict[str, Any]:
+    """llama.cpp's quantizer, src -> dst (atomic); returns provenance (also kept next to dst)."""
     import llama_cpp
 
-    _quiet_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[qtype])
     params.nthread = os.cpu_count() or 1
     params.allow_requantize = allow_requantize
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with _collected_llama_log() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    text = "".join(log)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
-        raise HarnessError(f"llamacpp: llama_model_quantize {src.name} -> {qtype} failed (return code {rc})")
+        errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+        why = f": {errors[-1]}" if errors else ""
+        raise HarnessError(f"llamacpp: llama_model_quantize {src.name} -> {qtype} failed (return code {rc}){why}")
     os.replace(tmp, dst)
-    return time.perf_counter() - t0
+    m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", text)
+    meta = {"seconds": round(time.perf_counter() - t0, 1), "from": src.name, "allow_requantize": allow_requantize,
+            # tensors whose width the requested block size does not divide get a legacy type instead
+            "fallback_tensors": f"{m.group(1)} of {m.group(2)}" if m else "0"}
+    dst.with_suffix(".json").write_text(json.dumps(meta))
+    return meta
 
 
 def gguf_tensor_stats(path: str | Path) -> dict[str, Any]:
@@ -402,9 +440,10 @@ class LlamaCppAdapter(Adapter):
             else:
                 path = folder / f"{variant.label()}-llama.cpp-{version}.gguf"
                 if path.is_file():
-                    info["quantize"] = {"cached": True}
+                    sidecar = path.with_suffix(".json")
+                    info["quantize"] = {**(json.loads(sidecar.read_text()) if sidecar.is_file() else {}), "cached": True}
                 else:
-                    secs = quantize_gguf(base, path, variant.qtype, allow_requantize=requantize)
-                    info["quantize"] = {"cached": False, "seconds": round(secs, 1)}
+                    info["quantize"] = {**quantize_gguf(base, path, variant.qtype, allow_requantize=requantize),
+                                        "cached": False}
         info["gguf_file"] = str(path)
         return LlamaCppModel(path, device, info)

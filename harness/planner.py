@@ -115,7 +115,12 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
 def _link_references(result: Plan) -> None:
     """Run each model's reference cell first and point the model's other cells at it, so their
     measurements can pair their per-token values with the reference's (same tokens)."""
-    refs = {c.model: c.cell_id for c in result.cells if c.is_reference}
-    linked = [c if c.is_reference or c.model not in refs else c.model_copy(update={"reference_cell_id": refs[c.model]})
-              for c in result.cells]
+    refs = {c.model: c for c in result.cells if c.is_reference}
+    linked = [
+        c if c.is_reference or c.model not in refs else c.model_copy(update={
+            "reference_cell_id": refs[c.model].cell_id,
+            "reference": {"backend": refs[c.model].backend, "variant_params": refs[c.model].variant_params},
+        })
+        for c in result.cells
+    ]
     result.cells = sorted(linked, key=lambda c: not c.is_reference)

@@ -157,6 +157,7 @@ class CellSpec(BaseModel):
     timeout_s: float
     is_reference: bool = False
     reference_cell_id: str | None = None  # the same model's reference cell (runs first), for paired metrics
+    reference: dict[str, Any] | None = None  # {"backend", "variant_params"} of it, to rebuild it live
 
 
 def cell_id_for(identity: dict[str, Any]) -> str:

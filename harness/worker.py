@@ -86,13 +86,14 @@ def run_cell(cell_dir: Path) -> None:
     emit.values("quantize", [MetricValue("seconds", quantize_s, "s", n=1, protocol="wall clock, one run",
                                          params={"calibration": calibration.describe() if calibration else None})])
 
+    reference_model = _reference_builder(cell, source, device) if cell.reference else None
     for spec in cell.measurements:
         spec = dict(spec)
         measurement = get_measurement(spec.pop("name"))
         params = measurement.Params.model_validate(spec)
         reference_dir = cell_dir.parent / cell.reference_cell_id if cell.reference_cell_id else None
         ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model, artifact_dir=cell_dir,
-                          reference_dir=reference_dir, progress=emit.progress)
+                          reference_dir=reference_dir, reference_model=reference_model, progress=emit.progress)
         emit.values(measurement.name, measurement.run(ctx, params))
 
     provenance = {
@@ -106,6 +107,24 @@ def run_cell(cell_dir: Path) -> None:
     tmp = cell_dir / (DONE + ".tmp")
     tmp.write_text(json.dumps(provenance, default=str))
     os.replace(tmp, cell_dir / DONE)
+
+
+def _reference_builder(cell, source, device):
+    """A lazy, cached builder of the cell's reference model, for measurements that compare live
+    (e.g. KL divergence needs both models' full distributions on the same tokens)."""
+    built = []
+
+    def build():
+        if not built:
+            from harness.adapters import get_adapter
+            from harness.models import load_model
+
+            adapter = get_adapter(cell.reference["backend"])
+            model, _ = load_model(source)
+            built.append(adapter.quantize(model, adapter.parse_variant(cell.reference["variant_params"]), None, device))
+        return built[0]
+
+    return build
 
 
 def _die_with_driver() -> None:

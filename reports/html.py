@@ -7,6 +7,8 @@ plotly.js is embedded once, inline, and nothing refers to an outside URL."""
 
 from __future__ import annotations
 
+import re
+
 import html
 import json
 import math
@@ -51,6 +53,8 @@ def quality_spec(measurement: str, metric: str) -> QualitySpec | None:
     """Which recorded metrics count as quality (frontier y axis); everything else is a plain column."""
     if metric == "ppl":
         return QualitySpec(measurement, metric, "Perplexity", True, "tokens")
+    if metric == "kld_mean":
+        return QualitySpec(measurement, metric, "Mean KL divergence from the reference", True, "tokens")
     if metric in ("acc", "accuracy", "acc_norm", "exact_match"):
         return QualitySpec(measurement, metric, metric.replace("_", " ").capitalize(), False, "examples")
     return None
@@ -289,6 +293,12 @@ def _num(v: Any) -> str:
     return "" if _missing(v) else repr(float(v))
 
 
+def _detail_metric(metric: str) -> bool:
+    """Distribution details (percentiles) and restatements (nll, ln ratio) stay in the records:
+    one column each would bury the table."""
+    return bool(re.search(r"_p\d", metric)) or metric in ("nll", "ln_ppl_ratio")
+
+
 def cell_table(df: pd.DataFrame) -> Table:
     """One row per cell: identity, size, quality (with ratio to the model's reference), times,
     status, then every other ok metric as its own generic column."""
@@ -300,7 +310,7 @@ def cell_table(df: pd.DataFrame) -> Table:
         {
             (m, k, u)
             for m, k, u in ok[["measurement", "metric", "unit"]].itertuples(index=False)
-            if (m, k) not in known and k not in (BITS, BYTES)
+            if (m, k) not in known and k not in (BITS, BYTES) and not _detail_metric(k)
         }
     )
 

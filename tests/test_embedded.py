@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -86,5 +87,10 @@ def test_llm_smoke_end_to_end(tmp_path):
         assert row.value == pytest.approx(ppl[variant] / ppl["fp32"], rel=1e-6)
         assert row.uncertainty < ppl_rows.set_index("variant").uncertainty[variant] / ppl[variant] / 2
     assert ratio.value["int4-g64-asym"] - 3 * ratio.uncertainty["int4-g64-asym"] > 1.0  # int4 is worse, beyond noise
+    # divergence from the reference, computed live on the same windows
+    kld, top1 = value["kld_mean"], value["top1_agreement"]
+    assert kld.notna().sum() == 3 and pd.isna(kld["fp32"])  # the reference does not diverge from itself
+    assert 0 < kld["int8-pc-sym"] < kld["int4-g64-asym"] and kld["bf16"] < kld["int4-g64-asym"]
+    assert top1["int8-pc-sym"] > top1["int4-g64-asym"] > 0.5
     html = (out / "report.html").read_text()
     assert "int4-g64-asym" in html and "Pareto" in html

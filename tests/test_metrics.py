@@ -56,3 +56,30 @@ def test_paired_ratio_by_hand(tmp_path):
     assert ln.uncertainty < independent / 5
     assert paired_ratio(cand, "other tokens", tmp_path, "nll-c-8") is None
     assert paired_ratio(cand, "abc", None, "nll-c-8") is None
+
+
+def test_divergence_by_hand():
+    from harness.metrics.divergence import summarize, token_divergence
+
+    ref = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    q = torch.log(torch.tensor([[[0.25, 0.5, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    ids = torch.tensor([[0, 0, 1]])
+    kld, agree, dp = token_divergence(ref, q, ids)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5)
+    assert torch.allclose(kld, torch.tensor([expected, 0.0], dtype=torch.float64))
+    assert agree.tolist() == [False, True]
+    assert torch.allclose(dp, torch.tensor([0.25 - 0.5, 0.0], dtype=torch.float64))
+    values = {v.metric: v for v in summarize(kld.numpy(), agree.numpy().astype(float), dp.numpy(), {})}
+    assert math.isclose(values["kld_mean"].value, expected / 2, rel_tol=1e-6)
+    assert values["top1_agreement"].value == 0.5 and math.isclose(values["top1_agreement"].uncertainty, 0.5 / math.sqrt(2))
+    assert math.isclose(values["delta_p_rms"].value, math.sqrt(0.25**2 / 2), rel_tol=1e-6)
+    assert values["kld_p50"].n == 2
+
+
+def test_identical_models_do_not_diverge():
+    from harness.metrics.divergence import token_divergence
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, 17)
+    kld, agree, dp = token_divergence(logits, logits.clone(), torch.randint(0, 17, (2, 9)))
+    assert kld.abs().max() < 1e-12 and agree.all() and dp.abs().max() < 1e-12

@@ -8,6 +8,7 @@ MEASUREMENTS: Registry = Registry(
     "measurement",
     {
         "perplexity": "harness.metrics.perplexity:Perplexity",
+        "divergence": "harness.metrics.divergence:Divergence",
     },
 )
 

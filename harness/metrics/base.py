@@ -38,6 +38,7 @@ class CellContext:
     model_name: str
     artifact_dir: Path
     reference_dir: Path | None = None  # the reference cell's artifacts (absent if it has not run)
+    reference_model: Callable[[], Any] | None = None  # builds the reference QuantizedModel (cached)
     progress: Callable[[int, int, str], None] = lambda done, total, what: None
 
 

@@ -1,0 +1,87 @@
+"""Divergence from the reference model, token by token (as llama.cpp's --kl-divergence, but
+computed live: both models run on the same windows in one process, no logit files).
+
+Per predicted token: KL(P_ref || P_q) over the full vocabulary, whether the two argmax tokens
+agree (top-1 agreement), and delta-p = P_q(correct) - P_ref(correct). Reported: mean KLD with its
+standard error and percentiles, top-1 agreement with a binomial standard error, delta-p mean, RMS
+and percentiles. Token-level errors treat tokens as independent: read them as lower bounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from harness.errors import HarnessError
+from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+
+KLD_PERCENTILES = (99.9, 99, 95, 90, 50, 10, 5, 1)
+DELTA_P_PERCENTILES = (99, 95, 50, 5, 1)
+
+
+class DivergenceParams(MeasurementParams):
+    corpus: str = "boolq-wiki"
+    seq_len: int = Field(512, gt=1)
+    max_windows: int | None = Field(8, gt=0)
+
+
+def token_divergence(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor):
+    """(kld, top1_agree, delta_p) per predicted token for logits (batch, seq, vocab), ids (batch, seq)."""
+    ref_lp = torch.log_softmax(ref_logits[:, :-1].double(), dim=-1)
+    q_lp = torch.log_softmax(q_logits[:, :-1].double(), dim=-1)
+    kld = (ref_lp.exp() * (ref_lp - q_lp)).sum(-1).clamp_min(0.0)  # rounding can dip just below 0
+    agree = ref_lp.argmax(-1) == q_lp.argmax(-1)
+    target = ids[:, 1:, None]
+    delta_p = q_lp.gather(-1, target).exp().squeeze(-1) - ref_lp.gather(-1, target).exp().squeeze(-1)
+    return kld.flatten(), agree.flatten(), delta_p.flatten()
+
+
+def summarize(kld: np.ndarray, agree: np.ndarray, delta_p: np.ndarray, detail: dict) -> list[MetricValue]:
+    n = int(kld.size)
+    sem = lambda x: float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")  # noqa: E731
+    top1 = float(agree.mean())
+    out = [
+        MetricValue("kld_mean", float(kld.mean()), "nats", n=n, uncertainty=sem(kld), uncertainty_kind="stderr (token-level)",
+                    protocol="kld", params=detail),
+        MetricValue("top1_agreement", top1, "fraction", n=n, uncertainty=math.sqrt(top1 * (1 - top1) / n),
+                    uncertainty_kind="stderr (binomial)", protocol="kld", params=detail),
+        MetricValue("delta_p_mean", float(delta_p.mean()), "probability", n=n, uncertainty=sem(delta_p),
+                    uncertainty_kind="stderr (token-level)", protocol="kld", params=detail),
+        MetricValue("delta_p_rms", float(np.sqrt((delta_p**2).mean())), "probability", n=n, protocol="kld", params=detail),
+    ]
+    out += [MetricValue(f"kld_p{q:g}", float(np.percentile(kld, q)), "nats", n=n, protocol="kld", params=detail)
+            for q in KLD_PERCENTILES]
+    out += [MetricValue(f"delta_p_p{q:g}", float(np.percentile(delta_p, q)), "probability", n=n, protocol="kld",
+                        params=detail) for q in DELTA_P_PERCENTILES]
+    return out
+
+
+class Divergence(Measurement):
+    name = "divergence"
+    Params = DivergenceParams
+
+    def run(self, ctx: CellContext, params: DivergenceParams) -> list[MetricValue]:
+        from harness.data import eval_token_stream
+
+        if ctx.reference_model is None:
+            return []  # the reference cell itself, or a suite without a reference
+        max_tokens = params.seq_len * params.max_windows if params.max_windows else None
+        stream = eval_token_stream(ctx.tokenizer, params.corpus, max_tokens)
+        n_windows = stream.numel() // params.seq_len
+        if n_windows == 0:
+            raise HarnessError(f"corpus '{params.corpus}' has fewer than {params.seq_len} tokens")
+        windows = stream[: n_windows * params.seq_len].view(n_windows, params.seq_len)
+        reference = ctx.reference_model()
+        parts: list[list[torch.Tensor]] = [[], [], []]
+        for i in range(n_windows):
+            batch = windows[i : i + 1]
+            for acc, value in zip(parts, token_divergence(reference.logits(batch).cpu(), ctx.qmodel.logits(batch).cpu(), batch)):
+                acc.append(value)
+            ctx.progress(i + 1, n_windows, "divergence windows")
+        kld, agree, delta_p = (torch.cat(p).numpy() for p in parts)
+        if not np.isfinite(kld).all():
+            raise HarnessError(f"divergence: {int((~np.isfinite(kld)).sum())} non-finite token KLDs (model output inf/nan)")
+        detail = {**params.model_dump(), "windows": n_windows, "reference_cell": ctx.reference_dir.name if ctx.reference_dir else None}
+        return summarize(kld, agree.astype(np.float64), delta_p, detail)
