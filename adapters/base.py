@@ -37,6 +37,22 @@ class Availability:
         hint = f" (pip install 'qharness[{extra}]')" if extra else ""
         return cls(False, f"{package} is not installed{hint}")
 
+    @classmethod
+    def of_import(cls, module: str, package: str, extra: str | None = None) -> Availability:
+        """Available if `module` imports; else 'not installed' or, for a broken install (e.g. a
+        native library that fails to load), why, in one line."""
+        import importlib
+
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            if getattr(exc, "name", None) and module.startswith(exc.name.split(".")[0]):
+                return cls.missing(package, extra)
+            return cls(False, f"{package} failed to import: {str(exc).splitlines()[0]}")
+        except Exception as exc:  # noqa: BLE001
+            return cls(False, f"{package} failed to import: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return cls(True)
+
 
 @dataclass(frozen=True)
 class LinearShape:
@@ -104,12 +120,16 @@ class QuantizedModel:
         out = self.module(input_ids=input_ids.to(self.device), use_cache=False)
         return out.logits.float()
 
+    def extra_tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        """Tensors a library keeps outside a module's parameters and buffers (override)."""
+        return []
+
     def weight_bytes(self) -> int:
-        return module_bytes(self.module)
+        return module_bytes(self.module, self.extra_tensors)
 
     def linear_stats(self) -> tuple[int, int]:
         """(logical weights, stored bytes) of the linear layers quantizers target."""
-        return linear_weight_stats(self.module)
+        return linear_weight_stats(self.module, extra=self.extra_tensors)
 
     def bits_per_weight(self) -> float:
         n_weights, n_bytes = self.linear_stats()

@@ -33,7 +33,7 @@ from harness.adapters.base import (
     VariantConfig,
 )
 from harness.errors import HarnessError
-from harness.storage import is_linear_like, module_bytes, tensor_bytes
+
 
 _DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 BLOCKSIZE = 64  # bitsandbytes' default 4-bit block size (Params4bit)
@@ -92,24 +92,8 @@ def _extra_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 class BnbQuantizedModel(QuantizedModel):
-    def weight_bytes(self) -> int:
-        seen: set = set()
-        total = tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()), seen)
-        for mod in self.module.modules():
-            total += tensor_bytes(_extra_tensors(mod), seen)
-        return total
-
-    def linear_stats(self) -> tuple[int, int]:
-        seen: set = set()  # shared: a code table common to many layers counts once
-        n_weights = n_bytes = 0
-        for name, mod in self.module.named_modules():
-            if not is_linear_like(mod) or name.split(".")[-1] == "lm_head":
-                continue
-            n_weights += mod.in_features * mod.out_features
-            own = [t for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
-                   if n != "bias"]
-            n_bytes += tensor_bytes(own + _extra_tensors(mod), seen)
-        return n_weights, n_bytes
+    def extra_tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        return _extra_tensors(module)
 
 
 class BitsAndBytesAdapter(Adapter):
@@ -119,13 +103,7 @@ class BitsAndBytesAdapter(Adapter):
     Variant: ClassVar[type[VariantConfig]] = BnbVariant
 
     def availability(self, device: str = "cpu") -> Availability:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return Availability.missing("bitsandbytes", self.extra)
-        except Exception as exc:  # a broken native library: say why in one line
-            return Availability(False, f"bitsandbytes failed to import: {str(exc).splitlines()[0]}")
-        return Availability(True)
+        return Availability.of_import("bitsandbytes", "bitsandbytes", self.extra)
 
     def versions(self) -> dict[str, str]:
         import bitsandbytes

@@ -29,7 +29,7 @@ from harness.adapters.base import (
     check_group_size,
 )
 from harness.errors import HarnessError
-from harness.storage import is_linear_like, tensor_bytes
+from harness.storage import tensor_bytes
 
 
 class HQQVariant(VariantConfig):
@@ -63,25 +63,12 @@ def _bias(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 class HQQQuantizedModel(QuantizedModel):
+    def extra_tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        return _meta_tensors(module)
+
     def weight_bytes(self) -> int:
-        seen: set = set()
-        total = tensor_bytes(list(self.module.parameters()) + list(self.module.buffers()), seen)
-        for mod in self.module.modules():  # HQQLinear's bias is a plain attribute, not a parameter
-            total += tensor_bytes(_meta_tensors(mod) + _bias(mod), seen)
-        return total
-
-    def linear_stats(self) -> tuple[int, int]:
-        seen: set = set()
-        n_weights = n_bytes = 0
-        for name, mod in self.module.named_modules():
-            if not is_linear_like(mod) or name.split(".")[-1] == "lm_head":
-                continue
-            n_weights += mod.in_features * mod.out_features
-            own = [t for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
-                   if n != "bias"]
-            n_bytes += tensor_bytes(own + _meta_tensors(mod), seen)
-        return n_weights, n_bytes
-
+        # HQQLinear's bias is a plain attribute, not a parameter: add it to the footprint
+        return super().weight_bytes() + tensor_bytes([b for m in self.module.modules() for b in _bias(m)])
 
 
 class HQQAdapter(Adapter):
@@ -91,11 +78,7 @@ class HQQAdapter(Adapter):
     Variant: ClassVar[type[VariantConfig]] = HQQVariant
 
     def availability(self, device: str = "cpu") -> Availability:
-        try:
-            import hqq.core.quantize  # noqa: F401
-        except ImportError:
-            return Availability.missing("hqq", self.extra)
-        return Availability(True)
+        return Availability.of_import("hqq.core.quantize", "hqq", self.extra)
 
     def versions(self) -> dict[str, str]:
         import hqq

@@ -63,11 +63,7 @@ class QuantoAdapter(Adapter):
     needs_calibration: ClassVar[bool] = True
 
     def availability(self, device: str = "cpu") -> Availability:
-        try:
-            import optimum.quanto  # noqa: F401
-        except ImportError:
-            return Availability.missing("optimum-quanto", self.extra)
-        return Availability(True)
+        return Availability.of_import("optimum.quanto", "optimum-quanto", self.extra)
 
     def versions(self) -> dict[str, str]:
         import optimum.quanto

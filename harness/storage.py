@@ -7,7 +7,7 @@ underlying storage once (tied weights share one)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -41,9 +41,26 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], seen: set | None = None) -> in
     return total
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """All parameters and buffers of `module`, each storage counted once."""
-    return tensor_bytes(list(module.parameters()) + list(module.buffers()))
+ExtraTensors = Callable[[torch.nn.Module], list[torch.Tensor]]
+
+
+def _no_extra(module: torch.nn.Module) -> list[torch.Tensor]:
+    return []
+
+
+def _own(mod: torch.nn.Module, skip_bias: bool) -> list[torch.Tensor]:
+    named = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+    return [t for n, t in named if not (skip_bias and n == "bias")]
+
+
+def module_bytes(module: torch.nn.Module, extra: ExtraTensors = _no_extra) -> int:
+    """All parameters and buffers of `module`, plus what `extra(submodule)` says a library keeps
+    outside them (bitsandbytes' quant_state, HQQ's meta dict), each storage counted once."""
+    seen: set = set()
+    total = tensor_bytes(list(module.parameters()) + list(module.buffers()), seen)
+    for mod in module.modules():
+        total += tensor_bytes(extra(mod), seen)
+    return total
 
 
 def is_linear_like(module: torch.nn.Module) -> bool:
@@ -52,17 +69,18 @@ def is_linear_like(module: torch.nn.Module) -> bool:
     )
 
 
-def linear_weight_stats(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> tuple[int, int]:
+def linear_weight_stats(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",),
+                        extra: ExtraTensors = _no_extra) -> tuple[int, int]:
     """(logical weights, stored bytes without bias) over the linear layers that quantizers target.
 
     The output head is skipped by default: most backends leave it (often tied to the embedding)
-    in float, and counting it would blur the bits-per-weight of the quantized layers."""
+    in float, and counting it would blur the bits-per-weight of the quantized layers. A storage
+    shared by several layers (e.g. a code table) counts once."""
+    seen: set = set()
     n_weights = n_bytes = 0
     for name, mod in model.named_modules():
-        if not is_linear_like(mod) or any(name.split(".")[-1] == s for s in skip):
+        if not is_linear_like(mod) or name.split(".")[-1] in skip:
             continue
         n_weights += mod.in_features * mod.out_features
-        tensors = [t for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
-                   if n != "bias"]
-        n_bytes += tensor_bytes(tensors)
+        n_bytes += tensor_bytes(_own(mod, skip_bias=True) + extra(mod), seen)
     return n_weights, n_bytes
