@@ -68,6 +68,7 @@ class ModelShapes:
     linears: tuple[LinearShape, ...]
     hidden_size: int | None = None
     architecture: str | None = None
+    source: Any = field(default=None, compare=False)  # harness.models.ModelSource: where weights come from
 
     def targets(self, skip: tuple[str, ...] = ("lm_head",)) -> list[LinearShape]:
         return [s for s in self.linears if s.name.split(".")[-1] not in skip]

@@ -234,7 +234,14 @@ def _model_dir(source: Any) -> Path:
     from harness.models import cache_root
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-")[:60]
-    digest = hashlib.sha1(str(source.path).encode()).hexdigest()[:10]
+    key = [str(source.path)]
+    folder = Path(source.path)
+    if folder.is_dir():  # weights rewritten in place get a new key
+        for f in sorted(folder.glob("*")):
+            if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+                st = f.stat()
+                key.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha1("\n".join(key).encode()).hexdigest()[:10]
     return cache_root() / "gguf" / f"{slug}-{digest}"
 
 
@@ -385,21 +392,23 @@ class LlamaCppAdapter(Adapter):
         return {"llama-cpp-python": _llama_cpp_version(), "gguf": version("gguf")}
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
-        """Refuses `original` (qtype or source) for a model that did not come from a GGUF file.
-        ModelShapes carries the model's source only where the planner provides it
-        (`shapes.source`); without it this is checked when quantizing."""
+        """Refuses `original` (qtype or source) for a model that did not come from a GGUF file
+        (the planner's ModelShapes carry the model's source; quantize checks again)."""
         assert isinstance(variant, LlamaCppVariant)
         if "original" not in (variant.qtype, variant.source):
             return
-        source = getattr(shapes, "source", None)
+        source = shapes.source
         if source is not None and not (getattr(source, "meta", None) or {}).get("gguf_file"):
             raise HarnessError(self._no_original(variant, getattr(source, "name", "?")))
 
     @staticmethod
     def _no_original(variant: LlamaCppVariant, model: str) -> str:
-        what = "qtype 'original'" if variant.qtype == "original" else "source 'original'"
+        if variant.qtype == "original":
+            what, hint = "qtype 'original'", "pick a qtype such as Q4_K_M"
+        else:
+            what, hint = "source 'original'", "use source: f16"
         return (f"llamacpp: {what} needs a model shipped as a GGUF file (e.g. builtin:smollm2-135m); "
-                f"model '{model}' is not one (use source: f16)")
+                f"model '{model}' is not one ({hint})")
 
     def quantize(
         self,

@@ -224,4 +224,4 @@ def model_shapes(source: ModelSource):
         if isinstance(m, torch.nn.Linear)
     )
     return ModelShapes(linears=linears, hidden_size=getattr(config, "hidden_size", None),
-                       architecture=(config.architectures or [config.model_type])[0])
+                       architecture=(config.architectures or [config.model_type])[0], source=source)

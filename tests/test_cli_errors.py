@@ -164,3 +164,12 @@ def test_current_records_keep_the_latest_attempt(tmp_path):
     current = rd.current_records()
     assert [(r.metric, r.value, r.status) for r in current] == [("weight_bytes", 2, "ok"), ("duration_s", None, "ok")]
     assert len(load_records(rd.path, all_attempts=True)) == 5 and len(load_records(rd.path)) == 2
+
+
+def test_gguf_original_refused_for_a_model_not_from_gguf(tmp_path, harness_env):
+    pytest.importorskip("llama_cpp")
+    s = tiny_suite(tmp_path / "s.yaml", extra_backends="""
+        - name: llamacpp
+          variants: [{qtype: original}]
+        """)
+    one_line_error(["run", "--suite", str(s), "--out", str(tmp_path / "r")], "original", "tiny:llama")
