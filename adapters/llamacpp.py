@@ -40,11 +40,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -55,12 +50,9 @@ import numpy as np
 import torch
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.gguf_convert import CONVERTER_ENV, _llama_cpp_version, convert_to_f16, ensure_converter  # noqa: F401 (re-exported)
 from harness.errors import HarnessError
 
-CONVERTER_ENV = "QHARNESS_CONVERT_HF_TO_GGUF"
-_VENDOR = "vendor/llama.cpp/"
-# what convert_hf_to_gguf.py needs next to it (conversion/ exists in recent llama.cpp only)
-_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/")
 _LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 QType = Literal["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "original"]
@@ -81,139 +73,6 @@ class LlamaCppVariant(VariantConfig):
         if self.qtype == "original" or self.source == "f16":
             return self.qtype
         return f"{self.qtype}-from-original"
-
-
-# --- the converter ---------------------------------------------------------------------------------
-
-def _llama_cpp_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        raise HarnessError("llamacpp: llama-cpp-python is not installed (pip install 'qharness[gguf]')") from None
-
-
-def _extract_converter(sdist: Path, dest: Path) -> Path:
-    """Extract convert_hf_to_gguf.py and what it imports from a llama-cpp-python sdist into
-    `dest` (atomically: a half-extracted folder is never left under the final name)."""
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    try:
-        with tarfile.open(sdist) as tar:
-            for member in tar:
-                top, _, rest = member.name.partition("/")
-                if not member.isfile() or not rest.startswith(_VENDOR):
-                    continue
-                rel = rest[len(_VENDOR):]
-                if not rel.startswith(_CONVERTER_PARTS) or ".." in Path(rel).parts:
-                    continue
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        if not (tmp / "convert_hf_to_gguf.py").is_file():
-            raise HarnessError(f"llamacpp: {sdist.name} holds no {_VENDOR}convert_hf_to_gguf.py")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest / "convert_hf_to_gguf.py"
-
-
-def ensure_converter() -> Path:
-    """Path of llama.cpp's convert_hf_to_gguf.py matching the installed llama-cpp-python: from
-    QHARNESS_CONVERT_HF_TO_GGUF if set, else from the cache, else fetched once from PyPI (the
-    sdist of the installed version, ~75 MB) and extracted (convert script + conversion/ +
-    gguf-py/ + models/templates/, ~2.3 MB)."""
-    override = os.environ.get(CONVERTER_ENV)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_file():
-            raise HarnessError(f"llamacpp: {CONVERTER_ENV}={override} is not a file")
-        return path
-    from harness.models import cache_root
-
-    version = _llama_cpp_version()
-    dest = cache_root() / f"llama.cpp-{version}"
-    script = dest / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="qharness-sdist-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", tmp, "--quiet"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-            why = lines[-1] if lines else f"pip exited with {proc.returncode}"
-            raise HarnessError(
-                f"llamacpp: could not fetch the llama-cpp-python {version} sources for convert_hf_to_gguf.py "
-                f"({why}); set {CONVERTER_ENV}=/path/to/convert_hf_to_gguf.py from a llama.cpp checkout")
-        return _extract_converter(sdists[0], dest)
-
-
-def _missing_in_installed_gguf(script: Path) -> list[str]:
-    """Names the converter uses (`gguf.X`, `gguf.X.Y`) that the installed gguf lacks. Version
-    numbers do not tell: llama.cpp's bundled gguf-py runs ahead of the PyPI release of the same
-    number (0.3.36's converter needs gguf.LazyChunkedTensor; PyPI gguf 0.19.0 has none)."""
-    import gguf
-
-    files = [script, *sorted((script.parent / "conversion").glob("*.py"))]
-    missing: set[str] = set()
-    for f in files:
-        for first, second in re.findall(r"\bgguf\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?", f.read_text(errors="replace")):
-            if not hasattr(gguf, first):
-                missing.add(first)
-            elif second and isinstance(getattr(gguf, first), type) and not hasattr(getattr(gguf, first), second):
-                missing.add(f"{first}.{second}")
-    return sorted(missing)
-
-
-def _gguf_choice(script: Path) -> tuple[bool, str]:
-    """(use the installed gguf?, description): the installed gguf unless the converter uses
-    something it lacks and the converter's own gguf-py is there to use instead."""
-    from importlib.metadata import version
-
-    installed = version("gguf")
-    missing = _missing_in_installed_gguf(script)
-    if not missing or not (script.parent / "gguf-py" / "gguf").is_dir():
-        return True, f"installed gguf {installed}"
-    return False, f"bundled gguf-py (installed gguf {installed} lacks {', '.join(missing[:3])})"
-
-
-def _run_converter(script: Path, hf_dir: Path, out: Path, use_installed: bool) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if use_installed:
-        env["NO_LOCAL_GGUF"] = "1"  # the script otherwise puts its gguf-py first on sys.path
-    else:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(script.parent / "gguf-py"), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", "f16"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
-
-
-def convert_to_f16(hf_dir: Path, out: Path) -> dict[str, Any]:
-    """Convert a Hugging Face folder to an F16 GGUF at `out` (atomic); returns provenance."""
-    script = ensure_converter()
-    use_installed, which = _gguf_choice(script)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    t0 = time.perf_counter()
-    proc = _run_converter(script, hf_dir, tmp, use_installed)
-    if proc.returncode != 0 and use_installed and (script.parent / "gguf-py").is_dir():
-        # a converter newer than the installed gguf of the same version number: use its own
-        which = "bundled gguf-py (the installed gguf failed with this converter)"
-        proc = _run_converter(script, hf_dir, tmp, False)
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
-        raise HarnessError(f"llamacpp: convert_hf_to_gguf.py failed on {hf_dir}: {lines[-1] if lines else proc.returncode}")
-    os.replace(tmp, out)
-    meta = {"converter": str(script), "gguf": which, "convert_s": round(time.perf_counter() - t0, 1)}
-    out.with_suffix(".json").write_text(json.dumps(meta))
-    return meta
 
 
 # --- files -------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from harness.adapters.base import (
     Adapter,
     Availability,
     CalibrationSet,
-    ModelShapes,
     QuantizedModel,
     VariantConfig,
 )

@@ -33,7 +33,6 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
-from harness.errors import HarnessError
 
 Scheme = Literal[
     "int8_weight_only",

@@ -20,6 +20,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from harness.adapters import BACKENDS, get_adapter  # noqa: E402
 from harness.adapters import llamacpp as lc  # noqa: E402
+from harness.adapters import gguf_convert as gc  # noqa: E402
 from harness.adapters.base import LinearShape, ModelShapes  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.models import ModelSource  # noqa: E402
@@ -125,14 +126,14 @@ def test_extract_converter_takes_only_the_converter_and_its_imports(tmp_path) ->
         "llama_cpp_python-9.9.9/llama_cpp/llama.py": "",
     })
     dest = tmp_path / "llama.cpp-9.9.9"
-    script = lc._extract_converter(sdist, dest)
+    script = gc._extract_converter(sdist, dest)
     assert script == dest / "convert_hf_to_gguf.py" and script.read_text() == "import gguf\n"
     got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
     assert got == ["conversion/__init__.py", "conversion/llama.py", "convert_hf_to_gguf.py",
                    "gguf-py/gguf/__init__.py", "models/templates/x.jinja"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp-9.9.9", "llama_cpp_python-9.9.9.tar.gz"]
     with pytest.raises(HarnessError, match="holds no vendor/llama.cpp/convert_hf_to_gguf.py"):
-        lc._extract_converter(_fake_sdist(tmp_path / "empty.tar.gz", {"x/README": ""}), tmp_path / "other")
+        gc._extract_converter(_fake_sdist(tmp_path / "empty.tar.gz", {"x/README": ""}), tmp_path / "other")
 
 
 def test_quantize_failure_is_one_line(tmp_path) -> None:
@@ -147,10 +148,10 @@ def test_gguf_choice_prefers_the_installed_gguf(tmp_path) -> None:
     script = tmp_path / "convert_hf_to_gguf.py"
     script.write_text("import gguf\nx = gguf.GGUFWriter\ny = gguf.MODEL_ARCH.LLAMA\n")
     (tmp_path / "gguf-py" / "gguf").mkdir(parents=True)
-    assert lc._gguf_choice(script)[0] is True
+    assert gc._gguf_choice(script)[0] is True
     (tmp_path / "conversion").mkdir()
     (tmp_path / "conversion" / "base.py").write_text("z = gguf.SomethingFromTheFuture\n")
-    use_installed, why = lc._gguf_choice(script)
+    use_installed, why = gc._gguf_choice(script)
     assert use_installed is False and "SomethingFromTheFuture" in why
 
 
@@ -158,23 +159,23 @@ def test_ensure_converter_env_override_and_download_failure(tmp_path, monkeypatc
     monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
     script = tmp_path / "convert_hf_to_gguf.py"
     script.write_text("")
-    monkeypatch.setenv(lc.CONVERTER_ENV, str(script))
-    assert lc.ensure_converter() == script
-    monkeypatch.setenv(lc.CONVERTER_ENV, str(tmp_path / "nope.py"))
+    monkeypatch.setenv(gc.CONVERTER_ENV, str(script))
+    assert gc.ensure_converter() == script
+    monkeypatch.setenv(gc.CONVERTER_ENV, str(tmp_path / "nope.py"))
     with pytest.raises(HarnessError, match="is not a file"):
-        lc.ensure_converter()
-    monkeypatch.delenv(lc.CONVERTER_ENV)
+        gc.ensure_converter()
+    monkeypatch.delenv(gc.CONVERTER_ENV)
     calls = []
 
     def offline(cmd, **kw):
         calls.append(cmd)
         return SimpleNamespace(returncode=1, stdout="", stderr="ERROR: Could not find a version that satisfies the requirement\n")
 
-    monkeypatch.setattr(lc.subprocess, "run", offline)
+    monkeypatch.setattr(gc.subprocess, "run", offline)
     with pytest.raises(HarnessError) as err:
-        lc.ensure_converter()
+        gc.ensure_converter()
     msg = str(err.value)
-    assert "\n" not in msg and lc.CONVERTER_ENV in msg and "Could not find a version" in msg
+    assert "\n" not in msg and gc.CONVERTER_ENV in msg and "Could not find a version" in msg
     assert calls and calls[0][1:4] == ["-m", "pip", "download"] and f"llama-cpp-python=={llama_cpp.__version__}" in calls[0]
 
 
