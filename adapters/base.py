@@ -145,6 +145,7 @@ class Adapter(ABC):
     extra: ClassVar[str | None] = None
     Variant: ClassVar[type[VariantConfig]]
     needs_calibration: ClassVar[bool] = False
+    packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into provenance
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability(True)
@@ -156,8 +157,16 @@ class Adapter(ABC):
         return Availability(True)
 
     def versions(self) -> dict[str, str]:
-        """Versions of the libraries this adapter runs on (recorded with every result)."""
-        return {}
+        """Versions of torch and of `packages` (recorded with every result)."""
+        from importlib import metadata
+
+        out = {"torch": torch.__version__}
+        for package in self.packages:
+            try:
+                out[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                out[package] = "not installed"
+        return out
 
     def parse_variant(self, params: dict[str, Any]) -> VariantConfig:
         return self.Variant.model_validate(params)

@@ -101,14 +101,10 @@ class BitsAndBytesAdapter(Adapter):
     description: ClassVar[str] = "bitsandbytes LLM.int8() and 4-bit NF4/FP4 (QLoRA) linear layers"
     extra: ClassVar[str | None] = "bnb"
     Variant: ClassVar[type[VariantConfig]] = BnbVariant
+    packages: ClassVar[tuple[str, ...]] = ("bitsandbytes",)
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability.of_import("bitsandbytes", "bitsandbytes", self.extra)
-
-    def versions(self) -> dict[str, str]:
-        import bitsandbytes
-
-        return {"bitsandbytes": bitsandbytes.__version__, "torch": torch.__version__}
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, BnbVariant)

@@ -26,9 +26,6 @@ class FloatAdapter(Adapter):
     description: ClassVar[str] = "unquantized float baseline (fp32 / bf16 / fp16)"
     Variant: ClassVar[type[VariantConfig]] = FloatVariant
 
-    def versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__}
-
     def quantize(
         self,
         model: torch.nn.Module,

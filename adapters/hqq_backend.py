@@ -76,14 +76,10 @@ class HQQAdapter(Adapter):
     description: ClassVar[str] = "HQQ half-quadratic weight-only 1/2/3/4/8-bit (HQQLinear), calibration-free"
     extra: ClassVar[str | None] = "hqq"
     Variant: ClassVar[type[VariantConfig]] = HQQVariant
+    packages: ClassVar[tuple[str, ...]] = ("hqq",)
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability.of_import("hqq.core.quantize", "hqq", self.extra)
-
-    def versions(self) -> dict[str, str]:
-        import hqq
-
-        return {"hqq": hqq.__version__, "torch": torch.__version__}
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, HQQVariant)

@@ -233,6 +233,7 @@ class LlamaCppAdapter(Adapter):
     description: ClassVar[str] = "GGUF quantization and inference through llama.cpp (llama-cpp-python)"
     extra: ClassVar[str | None] = "gguf"
     Variant: ClassVar[type[VariantConfig]] = LlamaCppVariant
+    packages: ClassVar[tuple[str, ...]] = ("llama-cpp-python", "gguf")
 
     def availability(self, device: str = "cpu") -> Availability:
         try:
@@ -244,11 +245,6 @@ class LlamaCppAdapter(Adapter):
         if str(device).startswith("cuda") and not llama_cpp.llama_supports_gpu_offload():
             return Availability(False, "this llama-cpp-python build has no GPU offload (built without CUDA)")
         return Availability(True)
-
-    def versions(self) -> dict[str, str]:
-        from importlib.metadata import version
-
-        return {"llama-cpp-python": _llama_cpp_version(), "gguf": version("gguf")}
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         """Refuses `original` (qtype or source) for a model that did not come from a GGUF file

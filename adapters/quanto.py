@@ -59,16 +59,12 @@ class QuantoAdapter(Adapter):
     description: ClassVar[str] = "optimum-quanto weight int8/int4/int2/float8 (+ calibrated int8/float8 activations)"
     extra: ClassVar[str | None] = "quanto"
     Variant: ClassVar[type[VariantConfig]] = QuantoVariant
+    packages: ClassVar[tuple[str, ...]] = ("optimum-quanto",)
     # only activation variants use it; weight-only variants ignore the set they are given
     needs_calibration: ClassVar[bool] = True
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability.of_import("optimum.quanto", "optimum-quanto", self.extra)
-
-    def versions(self) -> dict[str, str]:
-        import optimum.quanto
-
-        return {"optimum-quanto": optimum.quanto.__version__, "torch": torch.__version__}
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, QuantoVariant)

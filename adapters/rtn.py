@@ -113,9 +113,6 @@ class RTNAdapter(Adapter):
     description: ClassVar[str] = "round-to-nearest weight-only int2..int8 in plain torch (baseline)"
     Variant: ClassVar[type[VariantConfig]] = RTNVariant
 
-    def versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__}
-
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, RTNVariant)
         check_group_size("rtn", variant.group_size, shapes)

@@ -114,10 +114,6 @@ class TorchDynamicInt8Adapter(Adapter):
             return Availability(False, "this torch build has no quantized engine (fbgemm/qnnpack)")
         return Availability(True)
 
-    def versions(self) -> dict[str, str]:
-        return {"torch": torch.__version__}
-
-
     @torch.no_grad()
     def quantize(
         self,

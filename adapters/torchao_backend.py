@@ -134,8 +134,6 @@ def _skip_head(module: torch.nn.Module, fqn: str) -> bool:
 
 
 def _has_mslk() -> bool:
-    from importlib import metadata
-
     try:
         return int(metadata.version("mslk").split(".")[0]) >= 1
     except (metadata.PackageNotFoundError, ValueError):
@@ -147,18 +145,12 @@ class TorchAOAdapter(Adapter):
     description: ClassVar[str] = "torchao quantize_ (int8 / int4 / intx / float8 tensor subclasses)"
     extra: ClassVar[str | None] = "torchao"
     Variant: ClassVar[type[VariantConfig]] = TorchAOVariant
+    packages: ClassVar[tuple[str, ...]] = ("torchao",)
 
     def availability(self, device: str = "cpu") -> Availability:
         if importlib.util.find_spec("torchao") is None:
             return Availability.missing("torchao", "torchao")
         return Availability(True)
-
-    def versions(self) -> dict[str, str]:
-        try:
-            ao = metadata.version("torchao")
-        except metadata.PackageNotFoundError:
-            ao = "not installed"
-        return {"torchao": ao, "torch": torch.__version__}
 
     def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
         assert isinstance(variant, TorchAOVariant)

@@ -40,7 +40,7 @@ def test_registered_and_described() -> None:
     assert adapter.extra == "gguf" and "llama.cpp" in adapter.description
     assert adapter.availability("cpu").ok
     versions = adapter.versions()
-    assert set(versions) == {"llama-cpp-python", "gguf"} and versions["llama-cpp-python"] == llama_cpp.__version__
+    assert set(versions) == {"torch", "llama-cpp-python", "gguf"} and versions["llama-cpp-python"] == llama_cpp.__version__
 
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "original"])
