@@ -22,7 +22,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 @dataclass
 class CellOutcome:
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "skipped"
     values: list[dict] = field(default_factory=list)  # {"measurement": ..., **MetricValue}
     provenance: dict = field(default_factory=dict)
     error: str | None = None

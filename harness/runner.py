@@ -25,7 +25,7 @@ class RunResult:
     failed: int
     report: Path | None
     report_error: str | None = None
-    gates: list = None
+    gates: list | None = None
 
 
 def default_out(suite: Suite) -> Path:
