@@ -12,7 +12,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.executor import CellOutcome, LocalExecutor
-from harness.records import Record, utc_now
+from harness.records import CellIdentity, Record, utc_now
 from harness.store import RunDir
 from harness.suite import CellSpec, Suite
 
@@ -39,9 +39,8 @@ def finished_cells(run_dir: RunDir) -> set[str]:
 def cell_records(cell: CellSpec, run_id: str, hardware_profile: str, outcome: CellOutcome,
                  attempt: int = 1) -> list[Record]:
     identity = {
-        "run_id": run_id, "attempt": attempt, "cell_id": cell.cell_id, "suite": cell.suite, "model": cell.model,
-        "backend": cell.backend, "variant": cell.variant, "variant_params": cell.variant_params,
-        "device": cell.device, "hardware_profile": hardware_profile, "is_reference": cell.is_reference,
+        **cell.model_dump(include=set(CellIdentity.model_fields)),
+        "hardware_profile": hardware_profile, "run_id": run_id, "attempt": attempt,
     }
     records = [Record(**identity, **value, provenance={}) for value in outcome.values]
     records.append(Record(

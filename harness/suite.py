@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.errors import HarnessError, did_you_mean, unknown
 from harness.gates import GateSpec
+from harness.records import CellIdentity
 
 
 class _Strict(BaseModel):
@@ -140,22 +141,13 @@ def load_suite(name_or_path: str) -> Suite:
 # -- expansion into cells ----------------------------------------------------------------------
 
 
-class CellSpec(BaseModel):
-    """Everything a worker process needs to run one cell (model x backend variant)."""
+class CellSpec(CellIdentity):
+    """Everything a worker process needs to run one cell (model x backend variant): the cell's
+    identity as records carry it (harness.records.CellIdentity), plus how to run it."""
 
-    model_config = ConfigDict(frozen=True)
-
-    cell_id: str
-    suite: str
-    model: str
-    backend: str
-    variant: str
-    variant_params: dict[str, Any]
-    device: str
     measurements: list[dict[str, Any]]
     calibration: dict[str, Any] | None = None
     timeout_s: float
-    is_reference: bool = False
     reference_cell_id: str | None = None  # the same model's reference cell (runs first), for paired metrics
     reference: dict[str, Any] | None = None  # {"backend", "variant_params"} of it, to rebuild it live
 
@@ -163,7 +155,3 @@ class CellSpec(BaseModel):
 def cell_id_for(identity: dict[str, Any]) -> str:
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def variant_label(adapter, params: dict[str, Any], given: str | None) -> str:
-    return given or adapter.parse_variant(params).label()

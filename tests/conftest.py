@@ -52,3 +52,14 @@ measurements:
 def tiny_suite(path: Path, extra_backends: str = "", timeout: float = 120) -> Path:
     return write_suite(path, TINY_SUITE.format(extra_backends=textwrap.indent(textwrap.dedent(extra_backends), "  "),
                                                timeout=timeout))
+
+
+def smollm2_eval_windows(windows: int, seq: int):
+    """(fp32 SmolLM2, tokenizer, (windows, seq) token ids from the boolq-wiki eval split)."""
+    from harness.data import eval_token_stream
+    from harness.models import load_model, resolve_model
+
+    model, tokenizer = load_model(resolve_model("builtin:smollm2-135m"))
+    stream = eval_token_stream(tokenizer, "boolq-wiki", windows * seq)
+    assert stream.numel() == windows * seq
+    return model, tokenizer, stream.view(windows, seq)

@@ -187,13 +187,9 @@ SEQ, WINDOWS = 256, 4
 @pytest.fixture(scope="module")
 def smol():
     """(fp32 model, windows, fp32 logits per window, fp32 per-token NLL)."""
-    from harness.data import eval_token_stream
-    from harness.models import load_model, resolve_model
+    from conftest import smollm2_eval_windows
 
-    model, tok = load_model(resolve_model("builtin:smollm2-135m"))
-    stream = eval_token_stream(tok, "boolq-wiki", WINDOWS * SEQ)
-    assert stream.numel() == WINDOWS * SEQ
-    windows = stream.view(WINDOWS, SEQ)
+    model, tok, windows = smollm2_eval_windows(WINDOWS, SEQ)
     with torch.no_grad():
         logits = torch.cat([model(input_ids=w[None], use_cache=False).logits.float() for w in windows])
     return model, windows, logits, _nll(logits, windows)

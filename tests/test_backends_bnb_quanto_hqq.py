@@ -187,13 +187,10 @@ SEQ, WINDOWS = 256, 4
 @pytest.fixture(scope="module")
 def smol():
     """(fp32 model, eval windows, fp32 per-token NLL, calibration windows), loaded once."""
-    from harness.data import calibration_windows, eval_token_stream
-    from harness.models import load_model, resolve_model
+    from conftest import smollm2_eval_windows
+    from harness.data import calibration_windows
 
-    model, tok = load_model(resolve_model("builtin:smollm2-135m"))
-    stream = eval_token_stream(tok, "boolq-wiki", WINDOWS * SEQ)
-    assert stream.numel() == WINDOWS * SEQ
-    windows = stream.view(WINDOWS, SEQ)
+    model, tok, windows = smollm2_eval_windows(WINDOWS, SEQ)
     cal = CalibrationSet("boolq-wiki", 4, SEQ, 0, calibration_windows(tok, "boolq-wiki", 4, SEQ, 0))
     assert not any(torch.equal(c, w) for c in cal.input_ids for w in windows)
     return model, windows, _nll(lambda ids: model(input_ids=ids, use_cache=False).logits, windows), cal

@@ -175,12 +175,10 @@ SEQ, WINDOWS = 256, 4
 
 @pytest.fixture(scope="module")
 def smol():
-    from harness.data import eval_token_stream
+    from conftest import smollm2_eval_windows
     from harness.metrics.perplexity import token_nll
-    from harness.models import load_model, resolve_model
 
-    model, tokenizer = load_model(resolve_model("builtin:smollm2-135m"))
-    windows = eval_token_stream(tokenizer, "boolq-wiki", WINDOWS * SEQ).view(WINDOWS, SEQ)
+    model, tokenizer, windows = smollm2_eval_windows(WINDOWS, SEQ)
     with torch.inference_mode():
         nll = token_nll(model(input_ids=windows, use_cache=False).logits.float(), windows)
     n, nbytes = linear_weight_stats(model)
