@@ -23,6 +23,7 @@ import plotly.offline
 from jinja2 import Environment
 from markupsafe import Markup
 
+from harness.reports.sections import build_sections
 from harness.store import RunDir, load_records
 
 TEMPLATE = "report.html.j2"
@@ -409,6 +410,12 @@ def write_report(run_dir: str | Path) -> Path:
     skipped = cells[cells["status"] == "skipped"]
     figs = frontier_figures(df) if n_ok else []
     table = cell_table(df) if len(cells) else Table([], [])
+    sections = build_sections(df, info) if n_ok else []
+    n_figs = len(figs)
+    rendered_sections = []
+    for sec in sections:
+        rendered_sections.append((sec, [_figure_html(f, n_figs + i) for i, f in enumerate(sec.figures)]))
+        n_figs += len(sec.figures)
 
     template = (files("harness.reports") / "templates" / TEMPLATE).read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
@@ -425,7 +432,8 @@ def write_report(run_dir: str | Path) -> Path:
         n_ok=n_ok,
         n_failed=len(failed),
         n_skipped=len(skipped),
-        plotly_js=Markup(plotly.offline.get_plotlyjs()) if figs else None,
+        plotly_js=Markup(plotly.offline.get_plotlyjs()) if n_figs else None,
+        sections=rendered_sections,
         figures=[_figure_html(f, i) for i, f in enumerate(figs)],
         table=table,
         failed=[(str(r.model), str(r.backend), str(r.variant), str(r.error)) for r in failed.itertuples()],
