@@ -114,6 +114,9 @@ class QuantizedModel:
     module: torch.nn.Module
     device: torch.device
     info: dict[str, Any] = field(default_factory=dict)
+    # Extra keyword arguments for `module.generate` and cache construction wherever a measurement
+    # decodes (drift, decode speed): e.g. a quantized KV cache is a setting of generation, not weights.
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
