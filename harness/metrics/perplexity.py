@@ -1,16 +1,33 @@
-"""Perplexity under a named protocol.
+"""Perplexity under a named protocol; each protocol is one function in PROTOCOLS.
 
 "gptq" (the GPTQ/AWQ papers' protocol): the evaluation text joined with blank lines, tokenized
 once, cut into non-overlapping windows of `seq_len` tokens; every token but the first of a window
-is predicted; perplexity = exp(mean token NLL). Uncertainty is the token-level standard error of
-the mean NLL carried through exp (delta method), as llama.cpp reports it; tokens within a window
-are correlated, so read it as a lower bound. Per-token NLLs are saved for paired comparisons."""
+is predicted; perplexity = exp(mean token NLL).
+
+"lm-eval" (lm-evaluation-harness, `loglikelihood_rolling`): each document on its own, prefixed
+with the BOS token (EOS if none) and cut into lm-eval's disjoint rolling windows of `seq_len`
+(`get_rolling_token_windows(context_len=1)` + `make_disjoint_window`): every token of the document
+is predicted exactly once. Adds lm-eval's word_perplexity = exp(sum NLL / words),
+byte_perplexity = exp(sum NLL / UTF-8 bytes) and bits_per_byte = sum NLL / bytes / ln 2.
+
+"llama.cpp" (tools/perplexity/perplexity.cpp): the joined text tokenized once (BOS first if the
+tokenizer adds one), cut into chunks of n_ctx = `seq_len` tokens (default 512), the first token of
+each chunk replaced by BOS (if the tokenizer adds one), and only the second half scored: logits at
+positions n_ctx/2 .. n_ctx-2 predict the next token, n_ctx - 1 - n_ctx/2 tokens per chunk.
+
+Uncertainty is the token-level standard error of the mean NLL carried through exp (delta method),
+as llama.cpp reports it; tokens within a window are correlated, so read it as a lower bound. The
+word/byte metrics carry a document-level ratio-estimator error. Per-token NLLs are saved for
+paired comparisons with the reference cell (same protocol, same tokens)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -21,13 +38,22 @@ from pydantic import Field
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 
+Protocol = Literal["gptq", "lm-eval", "llama.cpp"]
+DEFAULT_SEQ_LEN: dict[str, int] = {"gptq": 2048, "lm-eval": 2048, "llama.cpp": 512}
+
 
 class PerplexityParams(MeasurementParams):
-    protocol: Literal["gptq"] = "gptq"
+    protocol: Protocol = "gptq"
     corpus: str = "boolq-wiki"
-    seq_len: int = Field(2048, gt=1)
-    max_windows: int | None = Field(None, gt=0, description="cap on windows (None: the whole corpus)")
+    seq_len: int | None = Field(None, gt=1, description="window / context length (None: the protocol's default)")
+    max_windows: int | None = Field(
+        None, gt=0,
+        description="cap (None: the whole corpus): gptq windows, llama.cpp chunks; lm-eval: whole documents up to "
+                    "seq_len * max_windows tokens")
     batch_size: int = Field(1, gt=0)
+
+    def resolved_seq_len(self) -> int:
+        return self.seq_len or DEFAULT_SEQ_LEN[self.protocol]
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -43,51 +69,227 @@ def ppl_with_stderr(nll: np.ndarray) -> tuple[float, float]:
     return ppl, ppl * se
 
 
+@dataclass
+class Scored:
+    """What a protocol returns: the NLL of every scored token (in a fixed order), a fingerprint of
+    the scored token ids (pairs runs on the same tokens), and protocol-specific values/details."""
+
+    nll: np.ndarray
+    tokens_sha1: str
+    detail: dict = field(default_factory=dict)
+    extra: list[MetricValue] = field(default_factory=list)
+
+
+def _sha1(*arrays) -> str:
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.asarray(a, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _score_windows(ctx: CellContext, windows: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """token_nll of each row of `windows` (n, seq), batched: (n, seq-1) float64."""
+    out = []
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        out.append(token_nll(ctx.qmodel.logits(batch).cpu(), batch))
+        ctx.progress(min(start + batch_size, windows.shape[0]), windows.shape[0], what)
+    return torch.cat(out)
+
+
+def _gptq(ctx: CellContext, params: PerplexityParams) -> Scored:
+    from harness.data import eval_token_stream
+
+    seq_len = params.resolved_seq_len()
+    max_tokens = seq_len * params.max_windows if params.max_windows else None
+    stream = eval_token_stream(ctx.tokenizer, params.corpus, max_tokens)
+    n_windows = stream.numel() // seq_len
+    if n_windows == 0:
+        raise HarnessError(f"corpus '{params.corpus}' has {stream.numel()} tokens, fewer than one window of {seq_len}")
+    windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
+    nll = _score_windows(ctx, windows, params.batch_size, "perplexity windows").flatten().numpy()
+    return Scored(nll, hashlib.sha1(windows.numpy().tobytes()).hexdigest(), {"windows": n_windows})
+
+
+# --- lm-eval -----------------------------------------------------------------------------------------
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's get_rolling_token_windows(context_len=1) followed by make_disjoint_window:
+    (context, continuation) pairs whose continuations cover `tokens` once, in order."""
+    if not tokens:
+        return []
+    first = min(max_seq_len, len(tokens))
+    pairs = [([prefix_token] + tokens[: first - 1], tokens[:first])]
+    predicted = first
+    while predicted < len(tokens):
+        n_pred = min(len(tokens) - predicted, max_seq_len)  # pred_len = max_seq_len - context_len + 1
+        end = predicted + n_pred
+        pairs.append((tokens[end - max_seq_len - 1 : end - 1], tokens[end - n_pred : end]))
+        predicted += n_pred
+    return [(ctx_[: len(ctx_) - (len(cont) - 1)], cont) for ctx_, cont in pairs]
+
+
+def _score_continuations(ctx: CellContext, rows: list[tuple[list[int], list[int]]], batch_size: int,
+                         what: str) -> list[np.ndarray]:
+    """NLL (float64) of each continuation given its input row (context + continuation minus the last
+    token; the continuation is scored from the last len(cont) logits). Rows of a batch are
+    right-padded: a causal model's logits at real positions never see the padding."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[np.ndarray] = [np.empty(0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(rows[i][0]) for i in idx)
+        batch = torch.zeros(len(idx), width, dtype=torch.long)
+        for j, i in enumerate(idx):
+            batch[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
+        logp = F.log_softmax(ctx.qmodel.logits(batch).cpu().double(), dim=-1)
+        for j, i in enumerate(idx):
+            row, cont = rows[i]
+            cont_lp = logp[j, len(row) - len(cont) : len(row)]
+            out[i] = -cont_lp.gather(-1, torch.tensor(cont)[:, None]).squeeze(-1).numpy()
+        ctx.progress(min(start + batch_size, len(order)), len(order), what)
+    return out
+
+
+def count_words(doc: str) -> int:
+    """lm-eval's Task.count_words."""
+    return len(re.split(r"\s+", doc))
+
+
+def ratio_stderr(num: np.ndarray, den: np.ndarray) -> float:
+    """Standard error of sum(num)/sum(den) over independent units (delta method)."""
+    n = num.size
+    if n < 2:
+        return float("nan")
+    r = num.sum() / den.sum()
+    return float(np.sqrt(((num - r * den) ** 2).sum() / (n * (n - 1))) / den.mean())
+
+
+def _lm_eval(ctx: CellContext, params: PerplexityParams) -> Scored:
+    from harness.data import load_texts
+
+    seq_len = params.resolved_seq_len()
+    tok = ctx.tokenizer
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prefix is None:
+        raise HarnessError("perplexity protocol lm-eval needs a BOS or EOS token as the rolling-window prefix")
+    budget = seq_len * params.max_windows if params.max_windows else None
+    docs: list[str] = []
+    all_ids: list[list[int]] = []
+    for doc in load_texts(params.corpus, "eval"):
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        if budget is not None and docs and sum(len(i) for i in all_ids) + len(ids) > budget:
+            break
+        docs.append(doc)
+        all_ids.append(ids)
+    rows = [(k, (context + cont)[-(seq_len + 1):][:-1], cont)
+            for k, ids in enumerate(all_ids) for context, cont in rolling_windows(ids, prefix, seq_len)]
+    scored = _score_continuations(ctx, [(r, c) for _, r, c in rows], params.batch_size, "perplexity windows")
+    n_windows = len(rows)
+    nll = np.concatenate(scored)  # rows are in document order, windows in text order
+    doc_nll = np.bincount([k for k, _, _ in rows], weights=[part.sum() for part in scored], minlength=len(docs))
+    words = [count_words(d) for d in docs]
+    nbytes = [len(d.encode("utf-8")) for d in docs]
+    total, doc_nll_a = float(nll.sum()), doc_nll
+    w, b = np.asarray(words, dtype=np.float64), np.asarray(nbytes, dtype=np.float64)
+    detail = {"documents": len(docs), "windows": n_windows, "words": int(w.sum()), "bytes": int(b.sum()),
+              "prefix_token": int(prefix)}
+    per_word, per_byte = total / w.sum(), total / b.sum()
+    se_w, se_b = ratio_stderr(doc_nll_a, w), ratio_stderr(doc_nll_a, b)
+    kind = "stderr (document-level ratio estimator, delta method)"
+    extra = [
+        MetricValue("word_perplexity", math.exp(per_word), "ppl/word", n=len(docs), uncertainty=math.exp(per_word) * se_w,
+                    uncertainty_kind=kind, protocol="lm-eval"),
+        MetricValue("byte_perplexity", math.exp(per_byte), "ppl/byte", n=len(docs), uncertainty=math.exp(per_byte) * se_b,
+                    uncertainty_kind=kind, protocol="lm-eval"),
+        MetricValue("bits_per_byte", per_byte / math.log(2), "bits/byte", n=len(docs), uncertainty=se_b / math.log(2),
+                    uncertainty_kind=kind, protocol="lm-eval"),
+    ]
+    return Scored(nll, _sha1(*all_ids, [len(i) for i in all_ids]), detail, extra)
+
+
+# --- llama.cpp ---------------------------------------------------------------------------------------
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front by default (llama.cpp's llama_vocab_get_add_bos)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def llama_cpp_chunks(text_ids: torch.Tensor, n_ctx: int, bos: int | None) -> torch.Tensor:
+    """perplexity.cpp's chunks: tokens = [BOS] + text (if BOS), n_chunk = len // n_ctx, and the
+    first token of every chunk overwritten by BOS (if BOS)."""
+    tokens = torch.cat([torch.tensor([bos]), text_ids]) if bos is not None else text_ids
+    n_chunk = tokens.numel() // n_ctx
+    chunks = tokens[: n_chunk * n_ctx].view(n_chunk, n_ctx).clone()
+    if bos is not None:
+        chunks[:, 0] = bos
+    return chunks
+
+
+def _llama_cpp(ctx: CellContext, params: PerplexityParams) -> Scored:
+    from harness.data import eval_token_stream
+
+    n_ctx = params.resolved_seq_len()
+    bos = ctx.tokenizer.bos_token_id if adds_bos(ctx.tokenizer) else None
+    max_tokens = n_ctx * params.max_windows - (bos is not None) if params.max_windows else None
+    chunks = llama_cpp_chunks(eval_token_stream(ctx.tokenizer, params.corpus, max_tokens), n_ctx, bos)
+    if chunks.shape[0] == 0:
+        raise HarnessError(f"corpus '{params.corpus}' has fewer tokens than one llama.cpp chunk of {n_ctx}")
+    first = n_ctx // 2
+    nll = _score_windows(ctx, chunks, params.batch_size, "perplexity chunks")[:, first:].flatten().numpy()
+    return Scored(nll, hashlib.sha1(chunks.numpy().tobytes()).hexdigest(),
+                  {"chunks": int(chunks.shape[0]), "bos": bos, "first_scored": first})
+
+
+PROTOCOLS: dict[str, Callable[[CellContext, PerplexityParams], Scored]] = {
+    "gptq": _gptq,
+    "lm-eval": _lm_eval,
+    "llama.cpp": _llama_cpp,
+}
+
+
 class Perplexity(Measurement):
     name = "perplexity"
     Params = PerplexityParams
 
     def run(self, ctx: CellContext, params: PerplexityParams) -> list[MetricValue]:
-        from harness.data import corpus_info, eval_token_stream
+        from harness.data import corpus_info
 
         if ctx.tokenizer is None:
             raise HarnessError(f"perplexity needs a tokenizer; model '{ctx.model_name}' has none")
-        max_tokens = params.seq_len * params.max_windows if params.max_windows else None
-        stream = eval_token_stream(ctx.tokenizer, params.corpus, max_tokens)
-        n_windows = stream.numel() // params.seq_len
-        if n_windows == 0:
-            raise HarnessError(
-                f"corpus '{params.corpus}' has {stream.numel()} tokens, fewer than one window of {params.seq_len}"
-            )
-        windows = stream[: n_windows * params.seq_len].view(n_windows, params.seq_len)
-        nlls = []
-        for start in range(0, n_windows, params.batch_size):
-            batch = windows[start : start + params.batch_size]
-            nlls.append(token_nll(ctx.qmodel.logits(batch).cpu(), batch).flatten())
-            ctx.progress(min(start + params.batch_size, n_windows), n_windows, "perplexity windows")
-        nll = torch.cat(nlls).numpy()
+        seq_len = params.resolved_seq_len()
+        scored = PROTOCOLS[params.protocol](ctx, params)
+        nll = scored.nll
         if not np.isfinite(nll).all():
             raise HarnessError(f"perplexity: {int((~np.isfinite(nll)).sum())} non-finite token NLLs (model output inf/nan)")
-        tokens_sha1 = hashlib.sha1(windows.numpy().tobytes()).hexdigest()
-        stem = f"nll-{params.corpus}-{params.seq_len}"
+        # gptq keeps its historical artifact name, so older reference cells still pair
+        corpus = re.sub(r"[^A-Za-z0-9._-]+", "_", params.corpus)  # file:PATH corpora name a file, not a folder
+        stem = f"nll-{corpus}-{seq_len}" if params.protocol == "gptq" else f"nll-{params.protocol}-{corpus}-{seq_len}"
         np.save(ctx.artifact_dir / f"{stem}.npy", nll)
-        (ctx.artifact_dir / f"{stem}.json").write_text(json.dumps({"tokens_sha1": tokens_sha1, "n": int(nll.size)}))
+        (ctx.artifact_dir / f"{stem}.json").write_text(json.dumps({"tokens_sha1": scored.tokens_sha1, "n": int(nll.size)}))
         ppl, se = ppl_with_stderr(nll)
         info = corpus_info(params.corpus, "eval")
         detail = {
             **params.model_dump(),
-            "windows": n_windows,
+            "seq_len": seq_len,
+            **scored.detail,
             "corpus_sha256": info.get("sha256"),
-            "tokens_sha1": tokens_sha1,
+            "tokens_sha1": scored.tokens_sha1,
         }
-        paired = paired_ratio(nll, tokens_sha1, ctx.reference_dir, stem)
+        for value in scored.extra:
+            value.params = {**detail, **value.params}
+        paired = paired_ratio(nll, scored.tokens_sha1, ctx.reference_dir, stem)
         return paired_values(paired, params.protocol, detail) + [
             MetricValue("ppl", ppl, "ppl", n=int(nll.size), uncertainty=se, uncertainty_kind="stderr (token-level, delta method)",
                         protocol=params.protocol, params=detail),
             MetricValue("nll", float(nll.mean()), "nats/token", n=int(nll.size),
                         uncertainty=float(nll.std(ddof=1) / math.sqrt(nll.size)), uncertainty_kind="stderr (token-level)",
                         protocol=params.protocol, params=detail),
-        ]
+        ] + scored.extra
 
 
 def paired_ratio(nll: np.ndarray, tokens_sha1: str, reference_dir, stem: str) -> dict | None:
