@@ -51,6 +51,13 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
     from harness.models import model_shapes, resolve_model
 
     device = resolve_device(device or suite.device)
+    if suite.hardware:
+        from harness.hardware import profiles
+
+        if suite.hardware not in profiles():
+            from harness.errors import unknown
+
+            raise unknown(f"hardware profile in suite '{suite.name}'", suite.hardware, profiles())
     measurements = _validated_measurements(suite)
     specs = suite.backends
     if backends:
@@ -74,25 +81,28 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
             except ValidationError as exc:
                 where = f"suite '{suite.name}': backend '{spec.name}' variants[{vi}]"
                 raise explain_validation(exc, adapter.Variant, where) from None
-            parsed.append((adapter, spec.name, variant, str(label or variant.label()), spec.timeout_s or suite.timeout_s))
+            parsed.append((adapter, spec.name, variant, str(label or variant.label()), spec.timeout_s or suite.timeout_s,
+                           spec.gpus if device == "cuda" else 1, spec.calibration or suite.calibration))
 
     result = Plan(suite=suite, device=device, cells=[])
     for model_name in models or suite.models:
         source = resolve_model(model_name, prepare=True)
         result.models[source.name] = source.describe()
         shapes = model_shapes(source)
-        for adapter, backend, variant, label, timeout_s in parsed:
+        _check_tasks(suite, source.name, shapes.task, measurements, parsed)
+        for adapter, backend, variant, label, timeout_s, gpus, calibration_spec in parsed:
             adapter.check(variant, shapes, device)
-            calibration = suite.calibration.model_dump() if adapter.needs_calibration else None
+            calibration = calibration_spec.model_dump() if adapter.needs_calibration else None
             identity = {
                 "model": source.name, "backend": backend, "variant": variant.model_dump(mode="json"),
                 "device": device, "measurements": measurements, "calibration": calibration,
+                **({"gpus": gpus} if gpus > 1 else {}),  # a model spread over GPUs is another cell (perf)
             }
             cell = CellSpec(
                 cell_id=cell_id_for(identity), suite=suite.name, model=source.name, backend=backend,
                 variant=label, variant_params=variant.model_dump(mode="json"), device=device,
                 measurements=measurements, calibration=calibration, timeout_s=timeout_s,
-                is_reference=suite.reference == f"{backend}:{label}",
+                gpus=gpus, hardware=suite.hardware, is_reference=suite.reference == f"{backend}:{label}",
             )
             if cell.cell_id in {c.cell_id for c in result.cells}:
                 raise HarnessError(f"suite '{suite.name}': variant '{backend}:{label}' appears twice")
@@ -110,6 +120,22 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
         raise HarnessError(f"suite '{suite.name}': reference '{suite.reference}' is not one of its variants{did_you_mean(suite.reference, labels)}")
     _link_references(result)
     return result
+
+
+def _check_tasks(suite: Suite, model: str, task: str, measurements: list[dict], parsed: list) -> None:
+    """One line when a backend or measurement cannot handle this kind of model (e.g. perplexity
+    on a sentence encoder), before any model loads."""
+    from harness.metrics import get_measurement
+
+    for spec in measurements:
+        tasks = get_measurement(spec["name"]).tasks
+        if task not in tasks:
+            raise HarnessError(f"suite '{suite.name}': measurement '{spec['name']}' does not apply to {task} model "
+                               f"'{model}' (it measures {', '.join(tasks)} models)")
+    for adapter, backend, *_ in parsed:
+        if task not in adapter.tasks:
+            raise HarnessError(f"suite '{suite.name}': backend '{backend}' does not support {task} model '{model}' "
+                               f"(it handles {', '.join(adapter.tasks)} models)")
 
 
 def _link_references(result: Plan) -> None:

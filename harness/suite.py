@@ -29,6 +29,8 @@ class BackendSpec(_Strict):
     name: str
     variants: list[dict[str, Any]] = Field(default_factory=lambda: [{}])
     timeout_s: float | None = Field(None, gt=0, description="per cell; overrides the suite's")
+    gpus: int = Field(1, ge=1, description="GPUs each cell of this backend needs on one node (cuda only)")
+    calibration: CalibrationSpec | None = Field(None, description="overrides the suite's calibration for this backend's cells")
 
 
 class MeasurementSpec(BaseModel):
@@ -54,6 +56,7 @@ class Suite(_Strict):
     models: list[str] = Field(min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     timeout_s: float = Field(1800, gt=0, description="per cell")
+    hardware: str | None = Field(None, description="hardware profile the cells must run on (Ray: nodes labelled hw:<profile>)")
     reference: str | None = Field(None, description="'backend:variant-label' of the reference cell")
     backends: list[BackendSpec] = Field(min_length=1)
     measurements: list[MeasurementSpec] = Field(default_factory=list)
@@ -148,6 +151,8 @@ class CellSpec(CellIdentity):
     measurements: list[dict[str, Any]]
     calibration: dict[str, Any] | None = None
     timeout_s: float
+    gpus: int = 1  # on one node; > 1 spreads the model over them (cuda only)
+    hardware: str | None = None  # the suite's pinned hardware profile, if any
     reference_cell_id: str | None = None  # the same model's reference cell (runs first), for paired metrics
     reference: dict[str, Any] | None = None  # {"backend", "variant_params"} of it, to rebuild it live
 

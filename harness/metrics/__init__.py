@@ -9,6 +9,13 @@ MEASUREMENTS: Registry = Registry(
     {
         "perplexity": "harness.metrics.perplexity:Perplexity",
         "divergence": "harness.metrics.divergence:Divergence",
+        "training": "harness.metrics.training:Training",
+        "kv-cache": "harness.metrics.kvcache:KVCache",
+        "tasks": "harness.metrics.tasks:Tasks",
+        "lm-eval": "harness.metrics.lm_eval_bridge:LmEval",
+        "drift": "harness.metrics.drift:Drift",
+        "outliers": "harness.metrics.outliers:Outliers",
+        "sensitivity": "harness.metrics.sensitivity:Sensitivity",
     },
 )
 

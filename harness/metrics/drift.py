@@ -1,0 +1,178 @@
+"""Long-sequence drift: does quantization error grow with context position, and how soon does
+free-running generation leave the reference's path?
+
+Teacher-forced: both models read the same windows of `seq_len` tokens; per predicted token the
+KL(P_ref || P_q) and top-1 agreement of `harness.metrics.divergence.token_divergence`, pooled
+into position buckets of `bucket` tokens. A predicted token's position is its index in the window
+(1 .. seq_len-1), so the first bucket [0, bucket) holds bucket-1 tokens.
+
+Free-running: greedy decoding (`module.generate(do_sample=False, **qmodel.generate_kwargs)`;
+models without a torch `generate`, e.g. llama.cpp, decode greedily through their logits) from
+the same prompts with both models; the first generated position whose token differs (or where
+only one model stopped) is that prompt's divergence point. A prompt that never diverges within
+`new_tokens` is censored at `new_tokens`: percentiles count it there, and the fraction of such
+prompts is reported on its own.
+
+Per-bucket values are one MetricValue per bucket named `<metric>@pos`, with the bucket's
+[pos_lo, pos_hi) in params (the report's drift section draws curves from them; the "@" marks
+per-slice values that stay out of the cell table)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from harness.errors import HarnessError
+from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.divergence import token_divergence
+
+FIRST_DIVERGENCE_PERCENTILES = (10, 25, 50, 75, 90)
+CHUNK = 256  # positions per KLD chunk: float64 log-softmax over the vocabulary is large
+
+
+class DriftParams(MeasurementParams):
+    corpus: str = "boolq-wiki"
+    seq_len: int = Field(1024, gt=1, description="teacher-forced horizon in tokens (<= the model's context)")
+    max_windows: int = Field(1, gt=0)
+    bucket: int = Field(128, gt=0, description="width of a position bucket in tokens")
+    prompts: int = Field(4, ge=0, description="free-running prompts (0: no generation)")
+    prompt_len: int = Field(32, gt=0)
+    new_tokens: int = Field(64, gt=0)
+
+
+def positional_divergence(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor):
+    """(kld, agree) of shape (batch, seq-1), position t-1 holding the prediction of token t;
+    computed in chunks of positions so a long window never needs the whole float64 vocabulary."""
+    seq = ids.shape[1]
+    klds, agrees = [], []
+    for lo in range(0, seq - 1, CHUNK):
+        hi = min(lo + CHUNK, seq - 1)
+        sl = slice(lo, hi + 1)  # one extra position: token_divergence predicts ids[:, 1:]
+        kld, agree, _ = token_divergence(ref_logits[:, sl], q_logits[:, sl], ids[:, sl])
+        klds.append(kld.view(ids.shape[0], -1))
+        agrees.append(agree.view(ids.shape[0], -1))
+    return torch.cat(klds, 1), torch.cat(agrees, 1)
+
+
+def bucket_values(kld: np.ndarray, agree: np.ndarray, bucket: int, detail: dict) -> list[MetricValue]:
+    """Per-bucket mean KLD (token-level stderr) and top-1 agreement (binomial stderr); kld and
+    agree are (windows, seq-1) with column j the prediction of token position j+1."""
+    positions = np.arange(1, kld.shape[1] + 1)
+    out = []
+    for lo in range(0, int(positions[-1]) + 1, bucket):
+        cols = (positions >= lo) & (positions < lo + bucket)
+        k, a = kld[:, cols].ravel(), agree[:, cols].ravel().astype(np.float64)
+        n = int(k.size)
+        if n == 0:
+            continue
+        p = {**detail, "pos_lo": lo, "pos_hi": lo + bucket}
+        top1 = float(a.mean())
+        out += [
+            MetricValue("kld_mean@pos", float(k.mean()), "nats", n=n,
+                        uncertainty=float(k.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+                        uncertainty_kind="stderr (token-level)", protocol="drift teacher-forced", params=p),
+            MetricValue("top1_agreement@pos", top1, "fraction", n=n, uncertainty=math.sqrt(top1 * (1 - top1) / n),
+                        uncertainty_kind="stderr (binomial)", protocol="drift teacher-forced", params=p),
+        ]
+    return out
+
+
+def first_divergence(ref: list[int], q: list[int], limit: int) -> int | None:
+    """Index of the first generated token that differs (a stop on one side only counts as a
+    difference there); None if the two agree on every token either produced (censored)."""
+    for i in range(min(len(ref), len(q), limit)):
+        if ref[i] != q[i]:
+            return i
+    if len(ref) != len(q) and min(len(ref), len(q)) < limit:
+        return min(len(ref), len(q))
+    return None
+
+
+def greedy(qmodel, prompt: torch.Tensor, new_tokens: int, eos: int | None) -> tuple[list[int], str]:
+    """Greedy continuation of prompt (1, len), and how it was produced."""
+    module = qmodel.module
+    if callable(getattr(module, "generate", None)):
+        with torch.no_grad():  # not inference_mode: quanto's packed weights refuse it
+            out = module.generate(input_ids=prompt.to(qmodel.device), attention_mask=torch.ones_like(prompt).to(qmodel.device),
+                                  max_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=eos, **qmodel.generate_kwargs)
+        return out[0, prompt.shape[1]:].tolist(), "module.generate"
+    ids, tokens = prompt, []
+    for _ in range(new_tokens):  # no KV cache: full recompute per step (short horizons only)
+        nxt = int(qmodel.logits(ids)[0, -1].argmax())
+        tokens.append(nxt)
+        if nxt == eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return tokens, "argmax of logits (no torch generate)"
+
+
+def generation_values(positions: list[int | None], new_tokens: int, detail: dict) -> list[MetricValue]:
+    n = len(positions)
+    censored = np.array([new_tokens if p is None else p for p in positions], dtype=np.float64)
+    never = sum(p is None for p in positions) / n
+    proto = f"drift free-running greedy (censored at {new_tokens})"
+    p = {**detail, "first_divergence": [None if x is None else int(x) for x in positions]}
+    out = [MetricValue("never_diverged_fraction", never, "fraction", n=n, uncertainty=math.sqrt(never * (1 - never) / n),
+                       uncertainty_kind="stderr (binomial)", protocol=proto, params=p)]
+    out += [MetricValue(f"first_divergence_p{q}", float(np.percentile(censored, q)), "tokens", n=n, protocol=proto, params=p)
+            for q in FIRST_DIVERGENCE_PERCENTILES]
+    return out
+
+
+def model_context(qmodel) -> int | None:
+    config = getattr(qmodel.module, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+class Drift(Measurement):
+    name = "drift"
+    Params = DriftParams
+
+    def run(self, ctx: CellContext, params: DriftParams) -> list[MetricValue]:
+        from harness.data import eval_token_stream
+
+        if ctx.reference_model is None:
+            return []  # the reference cell itself, or a suite without a reference
+        context = model_context(ctx.qmodel)
+        longest = max(params.seq_len, params.prompt_len + params.new_tokens)
+        if context and longest > context:
+            raise HarnessError(f"drift: {longest} tokens exceed the context of {ctx.model_name} ({context}); lower seq_len")
+        need = max(params.seq_len * params.max_windows, params.prompts * params.prompt_len)
+        stream = eval_token_stream(ctx.tokenizer, params.corpus, need)
+        n_windows = min(params.max_windows, stream.numel() // params.seq_len)
+        if n_windows == 0:
+            raise HarnessError(f"drift: corpus '{params.corpus}' has fewer than {params.seq_len} tokens")
+        reference = ctx.reference_model()
+        detail = {**params.model_dump(), "windows": n_windows,
+                  "reference_cell": ctx.reference_dir.name if ctx.reference_dir else None}
+        steps = n_windows + params.prompts
+        klds, agrees = [], []
+        for i in range(n_windows):
+            w = stream[i * params.seq_len:(i + 1) * params.seq_len][None]
+            kld, agree = positional_divergence(reference.logits(w).cpu(), ctx.qmodel.logits(w).cpu(), w)
+            klds.append(kld)
+            agrees.append(agree)
+            ctx.progress(i + 1, steps, "drift windows")
+        kld = torch.cat(klds).numpy()
+        if not np.isfinite(kld).all():
+            raise HarnessError(f"drift: {int((~np.isfinite(kld)).sum())} non-finite token KLDs (model output inf/nan)")
+        out = bucket_values(kld, torch.cat(agrees).numpy(), params.bucket, detail)
+
+        if params.prompts:
+            eos = getattr(ctx.tokenizer, "eos_token_id", None)
+            positions, how = [], set()
+            for k in range(params.prompts):
+                prompt = stream[k * params.prompt_len:(k + 1) * params.prompt_len][None]
+                if prompt.shape[1] < params.prompt_len:
+                    raise HarnessError(f"drift: corpus '{params.corpus}' has too few tokens for {params.prompts} prompts")
+                ref_tokens, how_ref = greedy(reference, prompt, params.new_tokens, eos)
+                q_tokens, how_q = greedy(ctx.qmodel, prompt, params.new_tokens, eos)
+                how |= {how_ref, how_q}
+                positions.append(first_divergence(ref_tokens, q_tokens, params.new_tokens))
+                ctx.progress(n_windows + k + 1, steps, "drift generation")
+            out += generation_values(positions, params.new_tokens, {**detail, "decoding": sorted(how)})
+        return out
