@@ -16,6 +16,13 @@ BACKENDS: Registry = Registry(
         "quanto": "harness.adapters.quanto:QuantoAdapter",
         "hqq": "harness.adapters.hqq_backend:HQQAdapter",
         "llamacpp": "harness.adapters.llamacpp:LlamaCppAdapter",
+        "gptqmodel": "harness.adapters.gptqmodel_backend:GPTQModelAdapter",
+        "llmcompressor": "harness.adapters.llmcompressor_backend:LLMCompressorAdapter",
+        "qat": "harness.adapters.qat:QATAdapter",
+        "mixed": "harness.adapters.mixed:MixedPrecisionAdapter",
+        "kv-cache": "harness.adapters.kvcache:KVCacheAdapter",
+        "tensorrt": "harness.adapters.tensorrt:TensorRTAdapter",
+        "onnxruntime": "harness.adapters.onnxruntime_backend:OnnxRuntimeAdapter",
     },
 )
 

@@ -195,6 +195,8 @@ class LlamaCppModel(QuantizedModel):
         self._stats = stats
         self._llm = None
         self._n_ctx = 0
+        # extra llama.cpp context settings, e.g. KV-cache types (type_k/type_v, set by adapters/kvcache.py)
+        self.context_kwargs: dict[str, Any] = {}
 
     def _llama(self, n_tokens: int):
         if self._llm is None or n_tokens > self._n_ctx:
@@ -205,7 +207,8 @@ class LlamaCppModel(QuantizedModel):
             threads = os.cpu_count() or 1
             self._llm = Llama(model_path=str(self.path), n_ctx=n_tokens, n_batch=min(n_tokens, 512),
                               logits_all=True, n_threads=threads, n_threads_batch=threads,
-                              n_gpu_layers=-1 if self.device.type == "cuda" else 0, verbose=False)
+                              n_gpu_layers=-1 if self.device.type == "cuda" else 0, verbose=False,
+                              **self.context_kwargs)
             self._n_ctx = n_tokens
         return self._llm
 

@@ -1,0 +1,197 @@
+"""Mixed precision: a per-layer bit allocation applied through a backend's own per-module
+quantizer, so the allocation lands on the frontier next to that backend's uniform-bit points.
+
+An allocation maps glob patterns over module names (fnmatch, e.g. "*.down_proj",
+"model.layers.0.*") to that backend's variant parameters, or to "float" to leave a layer
+unquantized; the first pattern that matches a layer wins, "default" covers the rest:
+
+    {base: rtn, allocation: {"*.down_proj": {bits: 8}, default: {bits: 4, group_size: 64}}}
+
+`ranking` instead (or on top) promotes the most sensitive layers named by a layer-sensitivity
+ranking JSON (the sensitivity probe's sensitivity.json, see `read_ranking`): its first `top`
+layers get `high`, the rest fall through to `allocation`.
+
+Per-module mechanisms (a table, one function per base): rtn builds one `RTNLinear` per layer with
+that layer's `RTNVariant`; hqq one `HQQLinear` per layer with that layer's `BaseQuantizeConfig`
+(compute_dtype must agree across the allocation). Left for later: GPTQModel's `dynamic`
+per-module configs (its adapter was not in the tree when this was written) and llama.cpp tensor
+type overrides (llama-cpp-python 0.3.36 exposes `llama_model_quantize_params.tt_overrides`, a
+pattern -> ggml type array, but the GGUF adapter has no per-tensor knob yet)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.errors import HarnessError
+
+FLOAT = "float"
+Params = dict[str, Any] | Literal["float"]
+
+
+class MixedVariant(VariantConfig):
+    base: Literal["rtn", "hqq"]
+    allocation: dict[str, Params] = Field(default_factory=dict)  # glob -> base params | "float"; "default" last
+    ranking: str | None = None  # path of a sensitivity ranking JSON (most sensitive first)
+    ranking_scheme: str | None = None  # which scheme's ranking, when the file ranks several
+    top: int = Field(0, ge=0)  # how many of the ranking's layers get `high`
+    high: Params | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> MixedVariant:
+        if "default" not in self.allocation:
+            raise ValueError("allocation needs a 'default' entry (the params of every layer no pattern matches)")
+        if (self.ranking is None) != (self.high is None) or (self.ranking is not None and self.top == 0):
+            raise ValueError("ranking, top (> 0) and high go together")
+        return self
+
+    def label(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:6]
+        return f"{self.base}-mixed-{digest}"
+
+
+def read_ranking(path: str, scheme: str | None = None) -> list[str]:
+    """Module names, most sensitive first, from a ranking JSON: a list of names or of objects with
+    a "layer"/"module"/"name" key, bare or under "ranking"; or the sensitivity probe's
+    sensitivity.json, {"ranking": {scheme: [{"layer": ..., "kld_mean": ...}, ...]}}, of which
+    `scheme` picks one (needed when it ranked several)."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"mixed: cannot read ranking '{path}': {type(exc).__name__}: {exc}") from None
+    if isinstance(data, dict):
+        data = data.get("ranking", data.get("layers"))
+    if isinstance(data, dict):  # per scheme
+        if scheme is None and len(data) == 1:
+            scheme = next(iter(data))
+        if scheme not in data:
+            raise HarnessError(f"mixed: ranking '{path}' ranks schemes {sorted(data)}; "
+                               f"set ranking_scheme to one of them (got {scheme!r})")
+        data = data[scheme]
+    if not isinstance(data, list):
+        raise HarnessError(f"mixed: ranking '{path}' is not a list of module names (nor has one under 'ranking')")
+    names = [d if isinstance(d, str) else (d.get("layer") or d.get("module") or d.get("name"))
+             for d in data if isinstance(d, (str, dict))]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise HarnessError(f"mixed: ranking '{path}' names no modules")
+    return names
+
+
+def resolve(variant: MixedVariant, names: list[str]) -> dict[str, Params]:
+    """Each target layer's params: a ranked layer's `high`, else its first matching pattern."""
+    promoted = set(read_ranking(variant.ranking, variant.ranking_scheme)[:variant.top]) if variant.ranking else set()
+    patterns = [(p, v) for p, v in variant.allocation.items() if p != "default"]
+    unused = [p for p, _ in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise HarnessError(f"mixed: pattern '{unused[0]}' matches no quantizable layer "
+                           f"(layers look like '{names[len(names) // 2]}')")
+    out: dict[str, Params] = {}
+    for n in names:
+        if n in promoted:
+            out[n] = variant.high  # type: ignore[assignment]
+            continue
+        out[n] = next((v for p, v in patterns if fnmatch.fnmatchcase(n, p)), variant.allocation["default"])
+    return out
+
+
+def _target_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _apply_rtn(model, plan, variants, device) -> QuantizedModel:
+    from harness.adapters.rtn import RTNLinear
+
+    for name, v in plan.items():
+        if v is not None:
+            _replace(model, name, RTNLinear.from_linear(model.get_submodule(name), v, device))
+    return QuantizedModel(model.to(device), device, info={"kernel": "torch dequantize+F.linear (rtn per module)"})
+
+
+def _apply_hqq(model, plan, variants, device) -> QuantizedModel:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+
+    from harness.adapters.hqq_backend import HQQQuantizedModel
+
+    dtypes = {v.compute_dtype for v in variants}
+    if len(dtypes) > 1:
+        raise HarnessError(f"mixed: hqq layers must share one compute_dtype (got {sorted(dtypes)})")
+    compute_dtype = getattr(torch, dtypes.pop() if dtypes else "float32")
+    HQQLinear.set_backend(HQQBackend.PYTORCH)
+    model = model.to(dtype=compute_dtype)
+    for name, v in plan.items():
+        if v is None:
+            continue
+        config = BaseQuantizeConfig(nbits=v.bits, group_size=v.group_size, axis=v.axis)
+        config["weight_quant_params"]["optimize"] = v.optimize
+        _replace(model, name, HQQLinear(model.get_submodule(name), quant_config=config, compute_dtype=compute_dtype,
+                                        device=str(device), del_orig=True))
+    return HQQQuantizedModel(model.to(device), device, info={"kernel": "hqq HQQLinear (per-module configs)"})
+
+
+# base backend -> its per-module quantizer (model, {layer: variant | None}, variants, device)
+APPLY: dict[str, Callable[..., QuantizedModel]] = {"rtn": _apply_rtn, "hqq": _apply_hqq}
+
+
+class MixedPrecisionAdapter(Adapter):
+    name: ClassVar[str] = "mixed"
+    description: ClassVar[str] = "per-layer bit allocation (globs or a sensitivity ranking) through rtn / hqq per-module configs"
+    Variant: ClassVar[type[VariantConfig]] = MixedVariant
+    packages: ClassVar[tuple[str, ...]] = ("hqq",)
+
+    def _base(self, variant: MixedVariant):
+        from harness.adapters import get_adapter
+
+        return get_adapter(variant.base)
+
+    def _parse(self, variant: MixedVariant, params: Params):
+        if params == FLOAT:
+            return None
+        try:
+            return self._base(variant).parse_variant(params)
+        except Exception as exc:  # noqa: BLE001 - pydantic's message, one line
+            raise HarnessError(f"mixed: {variant.base} params {params}: {str(exc).splitlines()[-1].strip()}") from None
+
+    def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
+        assert isinstance(variant, MixedVariant)
+        return self._base(variant).availability(device)
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        assert isinstance(variant, MixedVariant)
+        names = [s.name for s in shapes.targets()]
+        plan = resolve(variant, names)
+        base = self._base(variant)
+        by_shape = {s.name: s for s in shapes.targets()}
+        for params in {json.dumps(p, sort_keys=True) for p in plan.values()}:
+            parsed = self._parse(variant, json.loads(params))
+            if parsed is not None:
+                layers = tuple(by_shape[n] for n, p in plan.items() if json.dumps(p, sort_keys=True) == params)
+                base.check(parsed, ModelShapes(linears=layers), device)
+
+    @torch.no_grad()
+    def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
+                 device: torch.device) -> QuantizedModel:
+        assert isinstance(variant, MixedVariant)
+        device = torch.device(device)
+        plan = resolve(variant, _target_names(model))
+        parsed = {n: self._parse(variant, p) for n, p in plan.items()}
+        qmodel = APPLY[variant.base](model, parsed, [v for v in parsed.values() if v is not None], device)
+        counts = Counter(v.label() if v is not None else FLOAT for v in parsed.values())
+        qmodel.info.update({"quantized_layers": sum(v is not None for v in parsed.values()),
+                            "allocation_counts": dict(counts),
+                            "allocation": {n: (v.label() if v is not None else FLOAT) for n, v in parsed.items()}})
+        return qmodel
