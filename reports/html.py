@@ -297,7 +297,8 @@ def _num(v: Any) -> str:
 def _detail_metric(metric: str) -> bool:
     """Distribution details (percentiles) and restatements (nll, ln ratio) stay in the records:
     one column each would bury the table."""
-    return bool(re.search(r"_p\d", metric)) or metric in ("nll", "ln_ppl_ratio")
+    # "<metric>@<slice>" (per position bucket, per layer, ...): drawn by their own report sections
+    return bool(re.search(r"_p\d", metric)) or metric in ("nll", "ln_ppl_ratio") or "@" in metric
 
 
 def cell_table(df: pd.DataFrame) -> Table:

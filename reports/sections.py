@@ -14,7 +14,11 @@ import pandas as pd
 from harness.registry import import_object
 
 # name -> "module:builder"; order is page order.
-SECTIONS: dict[str, str] = {}
+SECTIONS: dict[str, str] = {
+    "drift": "harness.reports.section_drift:build",
+    "outliers": "harness.reports.section_outliers:build",
+    "calibration": "harness.reports.section_calibration:build",
+}
 
 
 @dataclass

@@ -193,3 +193,52 @@ def test_backend_calibration_override_reaches_cells(harness_env, tmp_path):
     cells = {c.variant: c for c in plan(load_suite(str(path))).cells}
     assert cells["cal-wiki"].calibration["corpus"] == "boolq-wiki"
     assert cells["cal-lambada"].calibration == {"corpus": "lambada", "n_samples": 2, "seq_len": 32, "seed": 0}
+
+
+def _frame(cells: dict[str, tuple[str, bool, list]]):
+    """Records DataFrame from {cell_id: (variant, is_reference, [(measurement, MetricValue)])}."""
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    from harness.records import RECORD_COLUMNS, Record
+
+    rows = []
+    for cid, (variant, ref, values) in cells.items():
+        for measurement, v in values:
+            rows.append(Record(cell_id=cid, suite="s", model="m", backend="b", variant=variant, device="cpu",
+                               is_reference=ref, run_id="r", measurement=measurement, **asdict(v)).model_dump())
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
+
+
+def test_report_sections_draw_from_records():
+    from harness.metrics.base import MetricValue
+    from harness.metrics.drift import bucket_values, generation_values
+    from harness.metrics.outliers import _per_layer
+    from harness.reports import section_calibration, section_drift, section_outliers
+
+    layers = {"model.layers.0.mlp.down_proj": 300.0, "model.layers.0.mlp.up_proj": 3.0}
+    drift = [("drift", v) for v in bucket_values(np.full((1, 7), 0.1), np.ones((1, 7)), 4, {"reference_cell": "ref"})
+             + generation_values([3, None], 8, {"new_tokens": 8})]
+    probes = [("outliers", v) for v in _per_layer(layers, "act_max_median_ratio", "p", 8, {"n_samples": 1})]
+    errors = [("outliers", v) for v in _per_layer({k: v / 1000 for k, v in layers.items()}, "layer_rel_error", "p", 8, {})]
+    sens = [("sensitivity", MetricValue("layer_kld@layer", k / 100, "nats", params={"layer": n, "scheme": "s"}))
+            for n, k in layers.items()]
+    cal = lambda corpus: ("quantize", MetricValue("seconds", 1.0, "s", params={"calibration": {"corpus": corpus}}))  # noqa: E731
+    ppl = lambda corpus, v: ("perplexity", MetricValue("ppl", v, "ppl", params={"corpus": corpus}))  # noqa: E731
+    df = _frame({
+        "ref": ("fp32", True, probes + sens + [ppl("a", 10.0), ppl("b", 20.0)]),
+        "q1": ("int8", False, drift + errors + [cal("a"), ppl("a", 11.0), ppl("b", 26.0)]),
+        "q2": ("int8", False, [cal("b"), ppl("a", 12.0), ppl("b", 22.0)]),
+    })
+    section = section_drift.build(df, {})
+    assert len(section.figures) == 2 and "b:fp32" in section.figures[0].layout.title.text
+    assert list(section.figures[0].data[0].x) == [2.0, 6.0]  # bucket centres of [0,4) and [4,8)
+    assert section.tables[0].rows[0][-1][0] == "0.5"  # never diverged
+    section = section_outliers.build(df, {})
+    assert len(section.figures) == 3
+    assert list(section.figures[0].data[0].y) == ["L0.mlp.down_proj", "L0.mlp.up_proj"]
+    section = section_calibration.build(df, {})
+    gaps = {row[1][0]: row[-1][0] for row in section.tables[1].rows}
+    assert gaps == {"a": f"{12 / 11:.3f}x", "b": f"{26 / 22:.3f}x"}
+    assert section_drift.build(df[df["measurement"] != "drift"], {}) is None
