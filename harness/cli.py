@@ -51,6 +51,8 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default: runs/<suite>-<time>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out, skipping finished cells"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the suite's)"),
+    executor: str = typer.Option("local", "--executor", help="local (one process per cell, here) or ray (cells as Ray tasks)"),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: 'auto' or 'ray://host:port' of a running cluster (default: a local Ray instance)"),
 ):
     """Run a suite: every model x backend variant in its own process, then write the HTML report."""
     from harness.runner import run_suite
@@ -62,7 +64,12 @@ def run(
         if resume and out is None:
             raise HarnessError("--resume needs --out RUN_DIR (the run to continue)")
         spec = load_suite(suite)
-        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume)
+        from harness.executor import EXECUTORS
+
+        if address and executor != "ray":
+            raise HarnessError("--address is for --executor ray")
+        runner = EXECUTORS.get(executor)(**({"address": address} if executor == "ray" else {}))
+        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume, runner)
         _print_summary(result.run_dir)
         if result.report:
             console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
@@ -85,7 +92,7 @@ def _print_gates(gates) -> None:
     console.print(table)
 
 
-def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
+def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -110,7 +117,8 @@ def _run_with_progress(run_suite, spec, out, model, backend, device, resume):
                 progress.advance(cells_task)
                 progress.update(step_task, visible=False)
 
-        return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, on_event=on_event)
+        return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, executor=executor,
+                         on_event=on_event)
 
 
 def _fmt(value, unc=None) -> str:
@@ -231,6 +239,9 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
                 status = f"broken: {exc}"
             backends.add_row(bname, status)
         console.print(backends)
+
+
+from harness import cli_ci  # noqa: E402,F401 - registers compare / check / export-benchmark on app
 
 
 def main() -> None:
