@@ -18,6 +18,7 @@ SECTIONS: dict[str, str] = {
     "drift": "harness.reports.section_drift:build",
     "outliers": "harness.reports.section_outliers:build",
     "calibration": "harness.reports.section_calibration:build",
+    "levers": "harness.reports.section_levers:build",
 }
 
 
