@@ -108,17 +108,17 @@ def test_tasks_measurement_and_recovery(tmp_path, toy_task):
     ref = {v.metric: v for v in T.Tasks().run(ctx_for(ref_dir), params)}
     saved = json.loads((ref_dir / "task-toy-0shot.json").read_text())
     assert len(saved["items"]) == 10 and saved["items"] == [it.id for it in subset("toy", toy_task, 10)]
-    assert ref["toy_acc"].n == 10 and math.isclose(ref["toy_acc"].value, np.mean(saved["acc"]))
-    assert math.isclose(ref["toy_acc"].uncertainty, np.std(saved["acc"], ddof=1) / math.sqrt(10))
-    assert "toy_recovery" not in ref
+    assert ref["acc@toy"].n == 10 and math.isclose(ref["acc@toy"].value, np.mean(saved["acc"]))
+    assert math.isclose(ref["acc@toy"].uncertainty, np.std(saved["acc"], ddof=1) / math.sqrt(10))
+    assert "recovery@toy" not in ref
     cand = {v.metric: v for v in T.Tasks().run(ctx_for(tmp_path, Bigram(0.5), ref_dir), params)}
     mine = json.loads((tmp_path / "task-toy-0shot.json").read_text())
     expected = T.paired_recovery(np.array(mine["acc_norm"], float), np.array(saved["acc_norm"], float))
     if expected is not None:
-        assert cand["toy_recovery"].value == pytest.approx(expected[0]) and cand["toy_recovery"].params["of"] == "acc_norm"
+        assert cand["recovery@toy"].value == pytest.approx(expected[0]) and cand["recovery@toy"].params["of"] == "acc_norm"
     # other items: no pairing
     other = {v.metric for v in T.Tasks().run(ctx_for(tmp_path, reference_dir=ref_dir), T.TasksParams(tasks=("toy",), limit=5))}
-    assert "toy_recovery" not in other
+    assert "recovery@toy" not in other
 
 
 def test_task_names_are_checked():
@@ -151,3 +151,27 @@ def test_task_files_and_prompt_formats():
     prompt = shots[0].choices[0][0]
     assert prompt.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
     assert prompt.count("\nAnswer:") == 3 and [c for _, c in shots[0].choices] == [" A", " B", " C", " D"]
+
+
+def test_report_section_renders_task_table():
+    import pandas as pd
+
+    from harness.records import Record
+    from harness.reports.section_tasks import build
+
+    ident = dict(suite="s", model="m", device="cpu", run_id="r", measurement="tasks", protocol=T.PROTOCOL)
+    params = {"task": "piqa", "num_fewshot": 0, "limit": 30}
+    recs = [Record(cell_id="fp", backend="fp", variant="float32", metric="acc@piqa", value=0.6, unit="fraction", n=30,
+                   uncertainty=0.09, params=params, **ident),
+            Record(cell_id="rtn", backend="rtn", variant="int4", metric="acc@piqa", value=0.5, unit="fraction", n=30,
+                   uncertainty=0.09, params=params, **ident),
+            Record(cell_id="rtn", backend="rtn", variant="int4", metric="recovery@piqa", value=83.3, unit="%", n=30,
+                   uncertainty=7.0, params=params, **ident)]
+    df = pd.DataFrame([r.model_dump() for r in recs])
+    section = build(df, {})
+    table = section.tables[0]
+    assert table.headers[5] == "acc ± se" and len(table.rows) == 2
+    rtn = next(r for r in table.rows if r[1][0] == "rtn:int4")
+    assert rtn[2][0] == "piqa" and rtn[5][0].startswith("0.5 ± ") and rtn[8][0].startswith("83.3 ± ")
+    assert len(section.figures) == 1
+    assert build(df[df["measurement"] == "nothing"], {}) is None

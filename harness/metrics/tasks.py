@@ -11,9 +11,11 @@ positions never see the padding); a shared context is recomputed per choice, sin
 QuantizedModel contract exposes only full-sequence logits.
 
 Standard errors are binomial (sample standard deviation of the 0/1 outcomes / sqrt(n), as
-lm-eval). Per-item outcomes are saved in the cell folder (`task-<task>-<k>shot.json`); when the
-reference cell saved the same task, `<task>_recovery` = 100 * acc / reference acc on the very
-same items, with a paired delta-method error."""
+lm-eval). Metrics are named `<metric>@<task>` (acc@hellaswag, acc_norm@hellaswag, ppl@lambada):
+the report's task section draws them, the cell table leaves them out. Per-item outcomes are saved
+in the cell folder (`task-<task>-<k>shot.json`); when the reference cell saved the same task,
+`recovery@<task>` = 100 * acc_norm (acc where acc_norm is not meaningful) / the reference's, on
+the very same items, with a paired delta-method error."""
 
 from __future__ import annotations
 
@@ -152,12 +154,12 @@ class Tasks(Measurement):
         values = []
         for metric in ("acc", "acc_norm") if spec.norm else ("acc",):
             x = np.asarray(res[metric], dtype=np.float64)
-            values.append(MetricValue(f"{name}_{metric}", float(x.mean()), "fraction", n=n, uncertainty=_sem(x),
+            values.append(MetricValue(f"{metric}@{name}", float(x.mean()), "fraction", n=n, uncertainty=_sem(x),
                                       uncertainty_kind=kind, protocol=PROTOCOL, params=detail))
         if spec.greedy:
             ll = np.asarray(res["gold_ll"])
             ppl = math.exp(-ll.mean())
-            values.append(MetricValue(f"{name}_ppl", ppl, "ppl", n=n, uncertainty=ppl * _sem(ll),
+            values.append(MetricValue(f"ppl@{name}", ppl, "ppl", n=n, uncertainty=ppl * _sem(ll),
                                       uncertainty_kind="stderr (items, delta method)", protocol=PROTOCOL, params=detail))
         values += self._recovery(ctx, name, artifact, signature, res, "acc_norm" if spec.norm else "acc", detail)
         return values
@@ -174,6 +176,6 @@ class Tasks(Measurement):
         if paired is None:
             return []
         value, se = paired
-        return [MetricValue(f"{name}_recovery", value, "%", n=len(res[metric]), uncertainty=se,
+        return [MetricValue(f"recovery@{name}", value, "%", n=len(res[metric]), uncertainty=se,
                             uncertainty_kind="stderr (paired items vs the reference, delta method)", protocol=PROTOCOL,
                             params={**detail, "of": metric, "reference_cell": ctx.reference_dir.name})]
