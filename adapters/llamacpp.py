@@ -140,14 +140,23 @@ def _collected_llama_log():
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
-def quantize_gguf(src: Path, dst: Path, qtype: str, allow_requantize: bool = False) -> dict[str, Any]:
-    """llama.cpp's quantizer, src -> dst (atomic); returns provenance (also kept next to dst)."""
+def quantize_gguf(src: Path, dst: Path, qtype: str, allow_requantize: bool = False,
+                  tensor_types: dict[str, int] | None = None) -> dict[str, Any]:
+    """llama.cpp's quantizer, src -> dst (atomic); returns provenance (also kept next to dst).
+    `tensor_types`: regex over tensor names -> ggml type, llama-quantize's --tensor-type overrides
+    (`tt_overrides`; used by adapters/mixed.py)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _FTYPES[qtype])
     params.nthread = os.cpu_count() or 1
     params.allow_requantize = allow_requantize
+    if tensor_types:  # a NULL-pattern-terminated array; the buffers must outlive the call
+        overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        patterns = [ctypes.create_string_buffer(p.encode()) for p in tensor_types]
+        for entry, pattern, ggml_type in zip(overrides, patterns, tensor_types.values()):
+            entry.pattern, entry.type = ctypes.cast(pattern, ctypes.c_char_p), ggml_type
+        params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
     t0 = time.perf_counter()
     with _collected_llama_log() as log:

@@ -13,16 +13,18 @@ layers get `high`, the rest fall through to `allocation`.
 
 Per-module mechanisms (a table, one function per base): rtn builds one `RTNLinear` per layer with
 that layer's `RTNVariant`; hqq one `HQQLinear` per layer with that layer's `BaseQuantizeConfig`
-(compute_dtype must agree across the allocation). Left for later: GPTQModel's `dynamic`
-per-module configs (its adapter was not in the tree when this was written) and llama.cpp tensor
-type overrides (llama-cpp-python 0.3.36 exposes `llama_model_quantize_params.tt_overrides`, a
-pattern -> ggml type array, but the GGUF adapter has no per-tensor knob yet)."""
+(compute_dtype must agree across the allocation); llamacpp quantizes with the default's qtype as
+llama.cpp's file type and every other layer as a tensor-type override (llama-quantize's
+--tensor-type, `llama_model_quantize_params.tt_overrides`), per-layer qtypes being single ggml
+types (F16, Q8_0, Q6_K, Q4_0, Q2_K). Left for later: GPTQModel's `dynamic` per-module configs
+(its adapter was not committed when this was written)."""
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +41,7 @@ Params = dict[str, Any] | Literal["float"]
 
 
 class MixedVariant(VariantConfig):
-    base: Literal["rtn", "hqq"]
+    base: Literal["rtn", "hqq", "llamacpp"]
     allocation: dict[str, Params] = Field(default_factory=dict)  # glob -> base params | "float"; "default" last
     ranking: str | None = None  # path of a sensitivity ranking JSON (most sensitive first)
     ranking_scheme: str | None = None  # which scheme's ranking, when the file ranks several
@@ -113,7 +115,7 @@ def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _apply_rtn(model, plan, variants, device) -> QuantizedModel:
+def _apply_rtn(model, plan, default, device) -> QuantizedModel:
     from harness.adapters.rtn import RTNLinear
 
     for name, v in plan.items():
@@ -122,12 +124,12 @@ def _apply_rtn(model, plan, variants, device) -> QuantizedModel:
     return QuantizedModel(model.to(device), device, info={"kernel": "torch dequantize+F.linear (rtn per module)"})
 
 
-def _apply_hqq(model, plan, variants, device) -> QuantizedModel:
+def _apply_hqq(model, plan, default, device) -> QuantizedModel:
     from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
 
     from harness.adapters.hqq_backend import HQQQuantizedModel
 
-    dtypes = {v.compute_dtype for v in variants}
+    dtypes = {v.compute_dtype for v in plan.values() if v is not None}
     if len(dtypes) > 1:
         raise HarnessError(f"mixed: hqq layers must share one compute_dtype (got {sorted(dtypes)})")
     compute_dtype = getattr(torch, dtypes.pop() if dtypes else "float32")
@@ -143,15 +145,56 @@ def _apply_hqq(model, plan, variants, device) -> QuantizedModel:
     return HQQQuantizedModel(model.to(device), device, info={"kernel": "hqq HQQLinear (per-module configs)"})
 
 
-# base backend -> its per-module quantizer (model, {layer: variant | None}, variants, device)
-APPLY: dict[str, Callable[..., QuantizedModel]] = {"rtn": _apply_rtn, "hqq": _apply_hqq}
+# llama.cpp: HF layer name -> GGUF tensor name (Llama-style blocks); per-layer qtype -> ggml type
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+_TENSOR_TYPES = ("F16", "Q8_0", "Q6_K", "Q4_0", "Q2_K")  # qtypes that are one ggml type (Q4_K_M etc. are mixes)
+
+
+def gguf_tensor_name(name: str) -> str:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if not m or m.group(2) not in _GGUF_NAMES:
+        raise HarnessError(f"mixed: no GGUF tensor name known for layer '{name}' (Llama-style layers only)")
+    return f"blk.{m.group(1)}.{_GGUF_NAMES[m.group(2)]}.weight"
+
+
+def _apply_llamacpp(model, plan, default, device) -> QuantizedModel:
+    """The default qtype as llama.cpp's ftype, every other layer as a tensor-type override
+    (`tt_overrides`, exact tensor names), quantized from the adapter's cached F16 conversion."""
+    import llama_cpp
+
+    from harness.adapters.llamacpp import (LlamaCppAdapter, LlamaCppModel, LlamaCppVariant, _llama_cpp_version,
+                                           _model_dir, quantize_gguf)
+
+    if default is None or default.qtype in ("original", "F16") or default.source != "f16":
+        raise HarnessError("mixed: llamacpp needs a default qtype other than F16/original, from source f16")
+    types = {}
+    for name, v in plan.items():
+        qtype = "F16" if v is None else v.qtype
+        if qtype == default.qtype:
+            continue
+        if qtype not in _TENSOR_TYPES:
+            raise HarnessError(f"mixed: llamacpp layer '{name}' asks for {qtype}, a mix; per-layer qtypes: {_TENSOR_TYPES}")
+        types["^" + re.escape(gguf_tensor_name(name)) + "$"] = getattr(llama_cpp, f"GGML_TYPE_{qtype}")
+    f16 = LlamaCppAdapter().quantize(model, LlamaCppVariant(qtype="F16"), None, device)
+    digest = hashlib.sha1(json.dumps(sorted(types.items())).encode()).hexdigest()[:8]
+    path = _model_dir(model.qharness_source) / f"mixed-{default.qtype}-{digest}-llama.cpp-{_llama_cpp_version()}.gguf"
+    meta = {"cached": True} if path.is_file() else quantize_gguf(f16.path, path, default.qtype, tensor_types=types)
+    return LlamaCppModel(path, device, {"kernel": f"llama.cpp ({device.type})", "quantize": meta,
+                                        "tensor_type_overrides": len(types), "gguf_file": str(path)})
+
+
+# base backend -> its per-module quantizer (model, {layer: variant | None}, default variant | None, device)
+APPLY: dict[str, Callable[..., QuantizedModel]] = {"rtn": _apply_rtn, "hqq": _apply_hqq, "llamacpp": _apply_llamacpp}
 
 
 class MixedPrecisionAdapter(Adapter):
     name: ClassVar[str] = "mixed"
-    description: ClassVar[str] = "per-layer bit allocation (globs or a sensitivity ranking) through rtn / hqq per-module configs"
+    description: ClassVar[str] = ("per-layer bit allocation (globs or a sensitivity ranking) through rtn / hqq "
+                                  "per-module configs or llama.cpp tensor-type overrides")
     Variant: ClassVar[type[VariantConfig]] = MixedVariant
-    packages: ClassVar[tuple[str, ...]] = ("hqq",)
+    packages: ClassVar[tuple[str, ...]] = ("hqq", "llama-cpp-python")
 
     def _base(self, variant: MixedVariant):
         from harness.adapters import get_adapter
@@ -189,7 +232,8 @@ class MixedPrecisionAdapter(Adapter):
         device = torch.device(device)
         plan = resolve(variant, _target_names(model))
         parsed = {n: self._parse(variant, p) for n, p in plan.items()}
-        qmodel = APPLY[variant.base](model, parsed, [v for v in parsed.values() if v is not None], device)
+        default = self._parse(variant, variant.allocation["default"])
+        qmodel = APPLY[variant.base](model, parsed, default, device)
         counts = Counter(v.label() if v is not None else FLOAT for v in parsed.values())
         qmodel.info.update({"quantized_layers": sum(v is not None for v in parsed.values()),
                             "allocation_counts": dict(counts),

@@ -209,3 +209,20 @@ def test_levers_section_pairs_each_lever_with_its_comparator():
     assert [r[0][0] for r in mixed.rows] == ["uniform", "mixed"]
     assert {r[0][0]: r[3][0] for r in kv.rows}["kv-cache:fp+kv-hqq4"] == "0.250"
     assert build(pd.DataFrame([rows[0]]), {}) is None
+
+
+def test_mixed_llamacpp_maps_layers_to_gguf_tensor_overrides(tiny):
+    from harness.adapters.mixed import APPLY, MixedPrecisionAdapter, gguf_tensor_name, resolve
+
+    assert gguf_tensor_name("model.layers.12.mlp.down_proj") == "blk.12.ffn_down.weight"
+    assert gguf_tensor_name("model.layers.0.self_attn.o_proj") == "blk.0.attn_output.weight"
+    with pytest.raises(HarnessError, match="no GGUF tensor name"):
+        gguf_tensor_name("encoder.layer.0.attention.self.query")
+    build, shapes = tiny
+    adapter = MixedPrecisionAdapter()
+    variant = adapter.parse_variant({"base": "llamacpp", "allocation": {"*.down_proj": {"qtype": "Q4_K_M"},
+                                                                        "default": {"qtype": "Q4_0"}}})
+    adapter.check(variant, shapes, "cpu")
+    plan = {n: adapter._parse(variant, p) for n, p in resolve(variant, [s.name for s in shapes.targets()]).items()}
+    with pytest.raises(HarnessError, match="a mix; per-layer qtypes"):  # refused before any conversion
+        APPLY["llamacpp"](build(), plan, adapter._parse(variant, {"qtype": "Q4_0"}), torch.device("cpu"))
