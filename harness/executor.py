@@ -1,5 +1,8 @@
 """Executors run cells. `LocalExecutor` runs each cell in its own Python process with a timeout,
-so a segfault, os._exit, hang, CUDA error or out-of-memory costs only that cell."""
+so a segfault, os._exit, hang, CUDA error or out-of-memory costs only that cell. Other executors
+(`ray`: harness/ray_executor.py) run that same worker process elsewhere and hand its cell directory
+back; the outcome is always read from the files by `collect_outcome`, and only the driver writes
+records. Executors are chosen by name from EXECUTORS."""
 
 from __future__ import annotations
 
@@ -10,14 +13,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import worker
+from harness.registry import Registry
 from harness.suite import CellSpec
 
 ProgressFn = Callable[[int, int, str], None]
+CellDirFn = Callable[[str], Path]  # cell_id -> its directory in the run dir (created)
+StartFn = Callable[[CellSpec], None]
+CellProgressFn = Callable[[CellSpec, int, int, str], None]
 
 
 @dataclass
@@ -27,6 +34,7 @@ class CellOutcome:
     provenance: dict = field(default_factory=dict)
     error: str | None = None
     duration_s: float = 0.0
+    hardware_profile: str | None = None  # where the cell ran, when not on the driver's hardware (Ray)
 
 
 def _last_line(path: Path, limit: int = 400) -> str:
@@ -59,7 +67,53 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-class LocalExecutor:
+@dataclass
+class WorkerExit:
+    """How a worker process ended (what the cell directory cannot say by itself)."""
+
+    returncode: int | None
+    timed_out: bool
+    duration_s: float
+
+
+class Executor:
+    """The executor interface. `run_many` runs cells (in any order, possibly at once) and yields
+    each (cell, outcome) as it finishes; the runner writes its records right then, so the driver
+    stays the only writer and a killed run keeps every cell it had received. Sequential by default."""
+
+    name = "base"
+
+    def prepare(self, cells: list[CellSpec], profile: str) -> None:
+        """Check, before any cell runs, that these cells can run here (`profile`: the driver's
+        hardware profile); raise HarnessError with one line if not."""
+
+    def run(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None) -> CellOutcome:
+        raise NotImplementedError
+
+    def run_many(self, cells: list[CellSpec], cell_dir: CellDirFn, on_start: StartFn | None = None,
+                 progress: CellProgressFn | None = None) -> Iterator[tuple[CellSpec, CellOutcome]]:
+        for cell in cells:
+            if on_start:
+                on_start(cell)
+            step = (lambda d, t, w, c=cell: progress(c, d, t, w)) if progress else None
+            yield cell, self.run(cell, cell_dir(cell.cell_id), progress=step)
+
+    def close(self) -> None:
+        """Release what the executor holds (connections, tasks in flight)."""
+
+
+def collect_outcome(cell: CellSpec, cell_dir: Path, ended: WorkerExit) -> CellOutcome:
+    """The cell's outcome from its directory (values.jsonl, done.json, worker.log) and how its
+    worker ended: the one place where files become an outcome, wherever the worker ran."""
+    values = _read_values(cell_dir)
+    done = cell_dir / worker.DONE
+    if not ended.timed_out and ended.returncode == 0 and done.exists():
+        return CellOutcome("ok", values, json.loads(done.read_text()), None, ended.duration_s)
+    reason = LocalExecutor._reason(ended.returncode, ended.timed_out, cell, cell_dir / "worker.log")
+    return CellOutcome("failed", values, {}, reason, ended.duration_s)
+
+
+class LocalExecutor(Executor):
     """Sequential process-per-cell execution on this machine."""
 
     name = "local"
@@ -68,7 +122,25 @@ class LocalExecutor:
         self.python = python
         self.env = env
 
+    def prepare(self, cells: list[CellSpec], profile: str) -> None:
+        from harness.errors import HarnessError
+
+        pinned = {c.hardware for c in cells if c.hardware} - {profile}
+        if pinned:
+            raise HarnessError(f"the suite pins hardware '{sorted(pinned)[0]}' but this machine is '{profile}' "
+                               "(run it where that hardware is, e.g. --executor ray on a cluster that has it)")
+        many = max((c.gpus for c in cells), default=1)
+        if many > 1:
+            import torch
+
+            if torch.cuda.device_count() < many:
+                raise HarnessError(f"a cell needs {many} GPUs but this machine has {torch.cuda.device_count()}")
+
     def run(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None) -> CellOutcome:
+        return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress))
+
+    def spawn(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None) -> WorkerExit:
+        """Run `python -m harness.worker CELL_DIR` in its own process group, with the cell's timeout."""
         for stale in (worker.VALUES, worker.DONE):
             (cell_dir / stale).unlink(missing_ok=True)
         (cell_dir / worker.CELL).write_text(cell.model_dump_json(indent=2))
@@ -95,12 +167,7 @@ class LocalExecutor:
                 _kill_group(proc)
                 raise
             reader.join(timeout=5)
-        duration = time.monotonic() - start
-        values = _read_values(cell_dir)
-        done = cell_dir / worker.DONE
-        if not timed_out and proc.returncode == 0 and done.exists():
-            return CellOutcome("ok", values, json.loads(done.read_text()), None, duration)
-        return CellOutcome("failed", values, {}, self._reason(proc.returncode, timed_out, cell, log_path), duration)
+        return WorkerExit(proc.returncode, timed_out, time.monotonic() - start)
 
     @staticmethod
     def _pump(proc: subprocess.Popen, progress: ProgressFn | None) -> None:
@@ -130,3 +197,9 @@ class LocalExecutor:
         if returncode == 1 and last:  # the worker's own handler: the last line is the exception
             return last
         return f"worker exited with status {returncode}" + (f"; last log line: {last}" if last else "")
+
+
+EXECUTORS: Registry[type[Executor]] = Registry("executor", {
+    "local": "harness.executor:LocalExecutor",
+    "ray": "harness.ray_executor:RayExecutor",  # pip install 'qharness[ray]'
+})

@@ -57,7 +57,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
         if suite.hardware not in profiles():
             from harness.errors import unknown
 
-            raise unknown(f"hardware profile in suite '{suite.name}'", suite.hardware, profiles())
+            raise HarnessError(f"suite '{suite.name}': {unknown('hardware profile', suite.hardware, profiles())}")
     measurements = _validated_measurements(suite)
     specs = suite.backends
     if backends:
@@ -90,6 +90,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
         result.models[source.name] = source.describe()
         shapes = model_shapes(source)
         _check_tasks(suite, source.name, shapes.task, measurements, parsed)
+        _check_random_weights(suite, source, measurements, parsed)
         for adapter, backend, variant, label, timeout_s, gpus, calibration_spec in parsed:
             adapter.check(variant, shapes, device)
             calibration = calibration_spec.model_dump() if adapter.needs_calibration else None
@@ -120,6 +121,23 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
         raise HarnessError(f"suite '{suite.name}': reference '{suite.reference}' is not one of its variants{did_you_mean(suite.reference, labels)}")
     _link_references(result)
     return result
+
+
+def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed: list) -> None:
+    """`shape:` models have random weights (harness.perf.shape_models): speed only. Quality
+    measurements and calibrated quantizers (no tokenizer, no real text) are refused in one line."""
+    if source.kind != "shape":
+        return
+    from harness.metrics import get_measurement
+
+    quality = [m["name"] for m in measurements if getattr(get_measurement(m["name"]), "needs_real_weights", True)]
+    if quality:
+        raise HarnessError(f"suite '{suite.name}': model '{source.name}' has random-init weights (speed only); "
+                           f"quality measurement(s) {', '.join(quality)} need real weights: use a real model or drop them")
+    calibrated = [backend for adapter, backend, *_ in parsed if adapter.needs_calibration]
+    if calibrated:
+        raise HarnessError(f"suite '{suite.name}': model '{source.name}' has random-init weights and no tokenizer; "
+                           f"calibrated backend(s) {', '.join(sorted(set(calibrated)))} need real text and weights")
 
 
 def _check_tasks(suite: Suite, model: str, task: str, measurements: list[dict], parsed: list) -> None:

@@ -121,16 +121,28 @@ def run_suite(
                      "done": len(the_plan.cells) - len(todo), "device": the_plan.device, "profile": profile})
     executor = executor or LocalExecutor()
     failed = 0
-    for cell in todo:
-        emit("cell_start", {"cell": cell})
-        if cell.cell_id in the_plan.unavailable:
-            outcome = CellOutcome("skipped", error=f"unavailable: {the_plan.unavailable[cell.cell_id]}")
-        else:
-            outcome = executor.run(cell, run_dir.cell_dir(cell.cell_id),
-                                   progress=lambda d, t, w: emit("progress", {"done": d, "total": t, "what": w}))
-        run_dir.append(cell_records(cell, run_id, profile, outcome, attempts.get(cell.cell_id, 0) + 1))
+
+    def finish(cell: CellSpec, outcome: CellOutcome) -> None:
+        nonlocal failed
+        run_dir.append(cell_records(cell, run_id, outcome.hardware_profile or profile, outcome,
+                                    attempts.get(cell.cell_id, 0) + 1))
         failed += outcome.status == "failed"
         emit("cell_end", {"cell": cell, "outcome": outcome})
+
+    runnable = [c for c in todo if c.cell_id not in the_plan.unavailable]
+    try:
+        executor.prepare(runnable, profile)  # e.g. connect to Ray, check the cluster can run them
+        for cell in todo:  # unavailable cells cost nothing: recorded as skipped first
+            if cell.cell_id in the_plan.unavailable:
+                emit("cell_start", {"cell": cell})
+                finish(cell, CellOutcome("skipped", error=f"unavailable: {the_plan.unavailable[cell.cell_id]}"))
+        # the executor yields each cell as it finishes (in any order); its records are written right then
+        for cell, outcome in executor.run_many(
+                runnable, run_dir.cell_dir, on_start=lambda c: emit("cell_start", {"cell": c}),
+                progress=lambda c, d, t, w: emit("progress", {"cell": c, "done": d, "total": t, "what": w})):
+            finish(cell, outcome)
+    finally:
+        executor.close()
 
     from harness.gates import evaluate
 
