@@ -175,3 +175,20 @@ def test_report_section_renders_task_table():
     assert rtn[2][0] == "piqa" and rtn[5][0].startswith("0.5 ± ") and rtn[8][0].startswith("83.3 ± ")
     assert len(section.figures) == 1
     assert build(df[df["measurement"] == "nothing"], {}) is None
+
+
+def test_single_token_choices_share_one_forward(tmp_path):
+    class Counting(Bigram):
+        rows = 0
+
+        def logits(self, ids):
+            Counting.rows += ids.shape[0]
+            return super().logits(ids)
+
+    model, tok = Counting(), CharTokenizer()
+    requests = [T.encode_pair(tok, "Answer:", f" {x}") for x in "ABCD"]  # " A" is two characters: 2 tokens here
+    requests = [(c + t[:1], t[1:]) for c, t in requests]  # same context, one-token continuations
+    scores = T.score_requests(ctx_for(tmp_path, model), requests, max_length=64, batch_tokens=1, what="t")
+    assert Counting.rows == 1
+    for (c, t), (ll, _) in zip(requests, scores):
+        assert math.isclose(ll, model.logp(c[-1], t[0]), rel_tol=1e-9)

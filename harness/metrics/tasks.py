@@ -7,8 +7,9 @@ greedy one token by token, plus perplexity = exp(-mean log-likelihood per item).
 follows lm-eval's `_encode_pair` (trailing context spaces move to the continuation; the pair is
 tokenized whole and split at the context's length), no special tokens, inputs left-truncated to
 `max_length`. Choices are batched by length with right padding (a causal model's logits at real
-positions never see the padding); a shared context is recomputed per choice, since the
-QuantizedModel contract exposes only full-sequence logits.
+positions never see the padding); choices with the same model input (single-token answers) share
+one forward pass, longer ones recompute their shared context, since the QuantizedModel contract
+exposes only full-sequence logits (no KV cache to reuse).
 
 Standard errors are binomial (sample standard deviation of the 0/1 outcomes / sqrt(n), as
 lm-eval). Metrics are named `<metric>@<task>` (acc@hellaswag, acc_norm@hellaswag, ppl@lambada):
@@ -68,28 +69,34 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 def score_requests(ctx: CellContext, requests: list[tuple[list[int], list[int]]], max_length: int,
                    batch_tokens: int, what: str) -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) of each (context ids, continuation ids)."""
+    """(log-likelihood, is_greedy) of each (context ids, continuation ids). Requests whose model
+    input is identical (single-token continuations of one context: MMLU letters, BoolQ yes/no)
+    share one forward pass, as lm-eval's grouping does."""
     longest = max((len(t) for _, t in requests), default=0)
     if longest > max_length:
         raise HarnessError(f"a continuation of {longest} tokens is longer than max_length={max_length}")
     rows = [((c + t)[-(max_length + 1):][:-1], t) for c, t in requests]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    unique: dict[tuple[int, ...], list[int]] = {}
+    for i, (row, _) in enumerate(rows):
+        unique.setdefault(tuple(row), []).append(i)
+    inputs = sorted(unique, key=len, reverse=True)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     start = 0
-    while start < len(order):
-        width = len(rows[order[start]][0])
-        idx = order[start : start + max(1, batch_tokens // width)]
-        batch = torch.zeros(len(idx), width, dtype=torch.long)
-        for j, i in enumerate(idx):
-            batch[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
-        logp = F.log_softmax(ctx.qmodel.logits(batch).cpu().double(), dim=-1)
-        for j, i in enumerate(idx):
-            row, cont = rows[i]
-            lp = logp[j, len(row) - len(cont) : len(row)]
-            target = torch.tensor(cont)
-            out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
-        start += len(idx)
-        ctx.progress(start, len(order), what)
+    while start < len(inputs):
+        width = len(inputs[start])
+        chunk = inputs[start : start + max(1, batch_tokens // width)]
+        batch = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, row in enumerate(chunk):
+            batch[j, : len(row)] = torch.tensor(row)
+        logits = ctx.qmodel.logits(batch).cpu()
+        for j, row in enumerate(chunk):
+            for i in unique[row]:
+                cont = rows[i][1]
+                lp = F.log_softmax(logits[j, len(row) - len(cont) : len(row)].double(), dim=-1)  # scored positions only
+                target = torch.tensor(cont)
+                out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+        start += len(chunk)
+        ctx.progress(start, len(inputs), what)
     return out
 
 
