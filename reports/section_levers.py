@@ -6,7 +6,7 @@ curves of both (from the drift measurement's `kld_mean@pos` records):
   records, and on held-out calibration loss (`training` measurement); its cost in steps and
   seconds; the loss of every training step.
 - Mixed vs uniform: `mixed` cells and the uniform cells of their base backend, bits per weight
-  against mean KLD / perplexity.
+  against mean KLD (the divergence measurement's, else drift's buckets pooled) / perplexity.
 - Quantized vs float KV cache: `kv-cache` cells, cache bytes at the longest measured context
   against the float-cache cell of the same weights."""
 
@@ -31,6 +31,16 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
 def _value(rows: pd.DataFrame, cell_id: str, metric: str) -> float | None:
     sel = rows[(rows["cell_id"] == cell_id) & (rows["metric"] == metric)]
     return None if sel.empty else float(sel.iloc[-1]["value"])
+
+
+def _kld(rows: pd.DataFrame, cell_id: str) -> float | None:
+    """Mean KLD from the reference: the divergence measurement's, else the drift measurement's
+    position buckets pooled (token-weighted)."""
+    v = _value(rows, cell_id, "kld_mean")
+    if v is not None:
+        return v
+    b = rows[(rows["cell_id"] == cell_id) & (rows["metric"] == "kld_mean@pos")]
+    return None if b.empty or b["n"].sum() == 0 else float((b["value"] * b["n"]).sum() / b["n"].sum())
 
 
 def _cells(rows: pd.DataFrame, backend: str | None = None) -> pd.DataFrame:
@@ -114,7 +124,7 @@ def _mixed(rows: pd.DataFrame):
     for group, kind in ((uniform, "uniform"), (mixed, "mixed")):
         pts = []
         for _, r in group.iterrows():
-            bpw, kld, ppl = (_value(rows, r["cell_id"], m) for m in ("bits_per_weight", "kld_mean", "ppl"))
+            bpw, kld, ppl = _value(rows, r["cell_id"], "bits_per_weight"), _kld(rows, r["cell_id"]), _value(rows, r["cell_id"], "ppl")
             base = r["backend"] if kind == "uniform" else r["variant_params"].get("base")
             out.append([(kind, ""), (str(base), ""), (_label(r), ""), _text(bpw, "{:.3f}"), _text(ppl), _text(kld)])
             if bpw is not None and (kld is not None or ppl is not None):
@@ -153,7 +163,7 @@ def _kv(rows: pd.DataFrame):
         context = ctx_rows.iloc[-1]["params"].get("context") if not ctx_rows.empty else None
         out.append([(_label(r), ""), (str(context or ""), str(context or "")), _text(kvb, "{:,.0f}"),
                     _text(kvb / ctrl_b if kvb and ctrl_b else None, "{:.3f}"),
-                    _text(_value(rows, r["cell_id"], "ppl")), _text(_value(rows, r["cell_id"], "kld_mean"))])
+                    _text(_value(rows, r["cell_id"], "ppl")), _text(_kld(rows, r["cell_id"]))])
     figs = [f for f in (_drift(rows, list(cells["cell_id"]), "KV cache: mean KLD by position (quantized vs float cache)"),) if f]
     return Table(["cell", "context (tokens)", "KV-cache bytes", "x float-cache cell", "ppl", "mean KLD"], out), figs
 
