@@ -69,6 +69,7 @@ class ModelShapes:
     hidden_size: int | None = None
     architecture: str | None = None
     source: Any = field(default=None, compare=False)  # harness.models.ModelSource: where weights come from
+    task: str = "causal-lm"  # or "encoder": adapters and measurements declare which they handle
 
     def targets(self, skip: tuple[str, ...] = ("lm_head",)) -> list[LinearShape]:
         return [s for s in self.linears if s.name.split(".")[-1] not in skip]
@@ -124,6 +125,15 @@ class QuantizedModel:
         out = self.module(input_ids=input_ids.to(self.device), use_cache=False)
         return out.logits.float()
 
+    @torch.inference_mode()
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """float32 sentence vectors (batch, dim) of a sentence encoder for a tokenized batch
+        (harness.encoders.tokenize), pooled as the model's own pooling config says."""
+        from harness.encoders import pool, pooling_config
+
+        hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
+        return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))
+
     def extra_tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
         """Tensors a library keeps outside a module's parameters and buffers (override)."""
         return []
@@ -149,6 +159,7 @@ class Adapter(ABC):
     Variant: ClassVar[type[VariantConfig]]
     needs_calibration: ClassVar[bool] = False
     packages: ClassVar[tuple[str, ...]] = ()  # distributions whose versions go into provenance
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)  # model kinds it handles; others are refused at plan time
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability(True)

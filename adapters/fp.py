@@ -25,6 +25,7 @@ class FloatAdapter(Adapter):
     name: ClassVar[str] = "fp"
     description: ClassVar[str] = "unquantized float baseline (fp32 / bf16 / fp16)"
     Variant: ClassVar[type[VariantConfig]] = FloatVariant
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder")
 
     def quantize(
         self,

@@ -106,6 +106,7 @@ class TorchDynamicInt8Adapter(Adapter):
     name: ClassVar[str] = "torch-int8"
     description: ClassVar[str] = "PyTorch native dynamic INT8 (torch.ao quantize_dynamic on Linear)"
     Variant: ClassVar[type[VariantConfig]] = TorchInt8Variant
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder")
 
     def availability(self, device: str = "cpu") -> Availability:
         if torch.device(device).type != "cpu":

@@ -55,9 +55,10 @@ class ModelSource:
     kind: str  # "builtin" | "tiny" | "local" | "hub"
     note: str = ""
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    task: str = "causal-lm"  # or "encoder" (harness.encoders): which adapters and measurements apply
 
     def describe(self) -> dict:
-        return {"name": self.name, "path": self.path, "kind": self.kind, "note": self.note, **self.meta}
+        return {"name": self.name, "path": self.path, "kind": self.kind, "note": self.note, "task": self.task, **self.meta}
 
 
 def _gguf_path() -> Path:
@@ -157,11 +158,24 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-BUILTINS = {"builtin:smollm2-135m": _builtin_smollm2}
+def _encoder(name: str):
+    """Resolver of a sentence encoder defined in harness.encoders (imported when chosen)."""
+    def resolve(prepare: bool) -> ModelSource:
+        from harness import encoders
+
+        return encoders.builtin_minilm(prepare) if name.startswith("builtin:") else encoders.tiny_bert(name, prepare)
+
+    return resolve
+
+
+BUILTINS = {"builtin:smollm2-135m": _builtin_smollm2, "builtin:minilm-l6-v2": _encoder("builtin:minilm-l6-v2"),
+            "tiny:bert": _encoder("tiny:bert")}
 
 
 def model_names() -> list[str]:
-    return sorted(BUILTINS) + sorted(TINY_CONFIGS)
+    from harness.perf.shape_models import shape_names
+
+    return sorted(BUILTINS) + sorted(TINY_CONFIGS) + shape_names()
 
 
 def resolve_model(name: str, prepare: bool = True) -> ModelSource:
@@ -172,6 +186,10 @@ def resolve_model(name: str, prepare: bool = True) -> ModelSource:
         return BUILTINS[name](prepare)
     if name in TINY_CONFIGS:
         return _tiny(name, prepare)
+    if name.startswith("shape:"):  # random-init real shapes, for speed only (harness.perf.shape_models)
+        from harness.perf.shape_models import resolve_shape
+
+        return resolve_shape(name, prepare)
     if name.startswith(("builtin:", "tiny:")):
         from harness.errors import unknown
 
@@ -180,6 +198,10 @@ def resolve_model(name: str, prepare: bool = True) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise HarnessError(f"model folder '{name}' has no config.json")
+        if (path / "modules.json").is_file():  # a sentence-transformers folder: a sentence encoder
+            from harness.encoders import local_encoder
+
+            return local_encoder(name, path)
         return ModelSource(name=name, path=str(path.resolve()), kind="local")
     if path.suffix == ".gguf" or path.exists() or name.startswith((".", "/", "~")):
         raise HarnessError(f"model '{name}' is neither a model folder nor a known name (see: harness list models)")
@@ -195,6 +217,14 @@ def load_model(source: ModelSource, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if source.kind == "shape":
+        from harness.perf.shape_models import load_shape
+
+        return load_shape(source, dtype)
+    if source.task == "encoder":
+        from harness.encoders import load_encoder
+
+        return load_encoder(source, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32)
     except OSError as exc:
@@ -212,6 +242,10 @@ def model_shapes(source: ModelSource):
 
     from harness.adapters.base import LinearShape, ModelShapes
 
+    if source.task == "encoder":
+        from harness.encoders import encoder_shapes
+
+        return encoder_shapes(source)
     try:
         config = AutoConfig.from_pretrained(source.path)
     except OSError as exc:

@@ -21,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "calibration": "harness.reports.section_calibration:build",
     "levers": "harness.reports.section_levers:build",
     "roofline": "harness.reports.section_roofline:build",
+    "encoders": "harness.reports.section_encoders:build",
 }
 
 

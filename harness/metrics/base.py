@@ -46,6 +46,7 @@ class Measurement(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[MeasurementParams]]
     needs_tokenizer: ClassVar[bool] = True
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)  # model kinds it can measure; others are refused at plan time
 
     @abstractmethod
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]: ...
