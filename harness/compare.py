@@ -29,11 +29,17 @@ from harness.store import RunDir
 # that matches nothing is compared and shown, never flagged. Measurements named in UNJUDGED are
 # bookkeeping (wall time of a cell, quantization time without repeats): shown, never flagged.
 DIRECTIONS: tuple[tuple[str, int], ...] = (
-    ("ppl", -1), ("ppl_ratio", -1), ("ln_ppl_ratio", -1), ("nll", -1), ("kld*", -1),
-    ("delta_p_rms", -1), ("weight_bytes", -1), ("bits_per_weight", -1),
-    ("top1_agreement", +1), ("acc*", +1), ("exact_match", +1), ("*recovery*", +1),
-    ("*tok*_per_s", +1), ("*tok_s", +1), ("*throughput*", +1),
-    ("*latency*", -1), ("*_ms", -1), ("*_s", -1), ("*seconds*", -1), ("*memory*", -1), ("peak_*", -1),
+    # quality (a metric may carry an '@slice' suffix: ppl@corpus, kld_mean@pos, recovery@task)
+    ("*_delta*", 0), ("delta_p_mean*", 0),  # signed differences to the reference: no better direction
+    ("ppl*", -1), ("ln_ppl_ratio*", -1), ("nll*", -1), ("*perplexity*", -1), ("bits_per_byte*", -1), ("*kld*", -1),
+    ("delta_p_rms*", -1), ("top1_agreement*", +1), ("acc*", +1), ("lmeval_*acc*", +1), ("exact_match*", +1),
+    ("*recovery*", +1), ("cosine*", +1), ("mrr*", +1), ("recall_at_*", +1), ("never_diverged*", +1),
+    ("first_divergence*", +1),
+    # size
+    ("bits_per_weight*", -1), ("*_bytes*", -1), ("*memory*", -1), ("peak_*", -1),
+    # speed and cost
+    ("*tokens_s*", +1), ("*tok_s*", +1), ("*tokens_per_s*", +1), ("*throughput*", +1), ("bandwidth_utilisation*", +1),
+    ("*latency*", -1), ("energy*", -1), ("*_ms", -1), ("*seconds*", -1), ("*_s", -1),
 )
 UNJUDGED_MEASUREMENTS = ("cell", "quantize")
 PAIRED_METRICS = ("ppl", "nll", "ppl_ratio", "ln_ppl_ratio")

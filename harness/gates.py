@@ -70,11 +70,13 @@ def _matches(r: Record, gate: GateSpec) -> bool:
 def _ratio(v: Record, ref: Record) -> tuple[float, float | None]:
     """v / ref with the uncertainty of both sides (relative errors in quadrature; unpaired, so
     conservative where the two share noise)."""
+    from harness.compare import record_sigma  # recorded stderr, or the spread of params.samples_s
+
     ratio = v.value / ref.value
-    if v.uncertainty is None and ref.uncertainty is None:
+    sv, sr = record_sigma(v), record_sigma(ref)
+    if sv is None and sr is None:
         return ratio, None
-    rel = math.hypot((v.uncertainty or 0.0) / v.value if v.value else 0.0,
-                     (ref.uncertainty or 0.0) / ref.value)
+    rel = math.hypot((sv or 0.0) / v.value if v.value else 0.0, (sr or 0.0) / ref.value)
     return ratio, abs(ratio) * rel
 
 
@@ -99,6 +101,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
              z: float = 0.0) -> list[GateResult]:
     """Judge every gate on every matching cell. `baseline`: another run's records, matched by cell
     identity (cell_id) for the baseline bounds; `z`: how many standard errors a miss must exceed."""
+    from harness.compare import record_sigma
     ok_cells = {r.cell_id for r in records if r.measurement == "cell" and r.status == "ok"}
     base_ok = {r.cell_id for r in baseline or [] if r.measurement == "cell" and r.status == "ok"}
     results: list[GateResult] = []
@@ -120,8 +123,9 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
             failures: list[str] = []
             notes: list[str] = []
             parts: list[str] = []
-            _check("", r.value, r.uncertainty, gate.max, True, z, failures, notes)
-            _check("", r.value, r.uncertainty, gate.min, False, z, failures, notes)
+            sigma = record_sigma(r)
+            _check("", r.value, sigma, gate.max, True, z, failures, notes)
+            _check("", r.value, sigma, gate.min, False, z, failures, notes)
             if gate.max_ratio is not None or gate.min_ratio is not None:
                 ref = refs.get(r.model)
                 if ref is None or not ref.value:

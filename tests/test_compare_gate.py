@@ -296,3 +296,19 @@ def test_ci_job_yaml_uses_real_commands():
         assert res.exit_code == 0, (cmd, res.output)
         for opt in re.findall(r"(--[a-z-]+)", args):
             assert opt in res.output, (cmd, opt)
+
+
+def test_perf_uncertainty_from_raw_samples_when_none_is_recorded():
+    from harness.compare import record_sigma
+
+    ident = _ident("c", "rtn", "int4")
+    spread = Record(**ident, measurement="decode", metric="decode_tokens_s", value=100.0, unit="tok/s",
+                    params={"samples_s": [0.009, 0.011, 0.010, 0.012, 0.008]})
+    tight = spread.model_copy(update={"params": {"samples_s": [0.010] * 5}})
+    assert record_sigma(spread) == pytest.approx(100.0 * np.std([0.009, 0.011, 0.010, 0.012, 0.008], ddof=1) / np.sqrt(5) / 0.010)
+    assert record_sigma(tight) == 0.0
+    base = [spread.model_copy(update={"value": 104.0}), Record(**ident, measurement="cell", metric="status")]
+    gate = [GateSpec(metric="decode_tokens_s", min_baseline_ratio=0.99)]
+    judged = evaluate(gate, [spread, base[1]], base, z=2.0)
+    assert judged[0].passed and "within noise" in judged[0].detail  # 0.96x, but the repeats spread ~7%
+    assert not evaluate(gate, [tight, base[1]], [tight.model_copy(update={"value": 104.0}), base[1]], z=2.0)[0].passed
