@@ -152,6 +152,9 @@ class RayExecutor(Executor):
         kwargs: dict[str, Any] = {"log_to_driver": False, **self.init_kwargs}
         if self.address is None:
             kwargs.setdefault("include_dashboard", False)
+            # Ray's memory monitor retries the tasks it kills forever by default: a cell that
+            # really needs more memory than the node has would never end
+            kwargs.setdefault("_system_config", {"task_oom_retries": self.max_retries})
         try:
             ray.init(address=self.address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - connection problems of every kind: one line
