@@ -23,7 +23,7 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
-from harness.adapters.calibrated import CalibratedAdapter, save_tokenizer
+from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
 
 CPU_REASON = ("autoawq does not run on CPU here: calibration ~270 s per layer on 2 cores, and its CPU "
               "layers need intel_extension_for_pytorch (2.8.0 refuses torch 2.13); use CUDA, or "
@@ -48,7 +48,7 @@ class AutoAWQAdapter(CalibratedAdapter):
     packages: ClassVar[tuple[str, ...]] = ("autoawq", "transformers")
 
     def availability(self, device: str = "cpu") -> Availability:
-        return Availability.of_import("awq", "autoawq", self.extra)
+        return installed("awq", "autoawq", self.extra)
 
     def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
         return Availability(True) if device == "cuda" else Availability(False, CPU_REASON)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.adapters.base import Adapter, CalibrationSet, QuantizedModel, VariantConfig
+from harness.adapters.base import Adapter, Availability, CalibrationSet, QuantizedModel, VariantConfig
 from harness.errors import HarnessError
 
 
@@ -48,11 +48,23 @@ class CalibratedAdapter(Adapter):
         def build(folder: Path):
             return self.build(source, model, variant, calibration, device, folder)
 
-        folder, info = cached_build(key, build)
-        del model  # the float model is not measured: the artifact is
+        folder, info = cached_build(key, build)  # the float model is not measured: the artifact is
         qmodel = self.load(folder, variant, device)
         qmodel.info = {**qmodel.info, **info, "calibration": calibration.describe()}
         return qmodel
+
+
+def installed(module: str, package: str, extra: str | None = None) -> Availability:
+    """Availability without importing: gptqmodel and llm-compressor take 10+ s to import and set
+    process-wide environment variables (CUDA_DEVICE_ORDER, PYTORCH_ALLOC_CONF) on import, which
+    must not happen in the driver that plans every cell. A broken install fails in its own cell."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    return Availability(True) if found else Availability.missing(package, extra)
 
 
 def calibration_rows(calibration: CalibrationSet) -> list[dict[str, list[int]]]:

@@ -26,7 +26,7 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
-from harness.adapters.calibrated import CalibratedAdapter, calibration_rows
+from harness.adapters.calibrated import CalibratedAdapter, calibration_rows, installed
 from harness.errors import HarnessError
 
 
@@ -56,6 +56,11 @@ class GPTQModelVariant(VariantConfig):
         return label
 
 
+def _cpu_workers() -> None:
+    """GPTQModel's CPU worker pool crashed on 2 cores with its default size: at most the cores."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
+
+
 def _backend(variant: GPTQModelVariant, device: torch.device):
     from gptqmodel import BACKEND
 
@@ -73,8 +78,7 @@ class GPTQModelAdapter(CalibratedAdapter):
     packages: ClassVar[tuple[str, ...]] = ("gptqmodel", "transformers")
 
     def availability(self, device: str = "cpu") -> Availability:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
-        return Availability.of_import("gptqmodel", "gptqmodel", self.extra)
+        return installed("gptqmodel", "gptqmodel", self.extra)
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, GPTQModelVariant)
@@ -83,7 +87,7 @@ class GPTQModelAdapter(CalibratedAdapter):
     def build(self, source: Any, model: torch.nn.Module, variant: VariantConfig,
               calibration: CalibrationSet, device: torch.device, folder: Path) -> dict[str, Any]:
         assert isinstance(variant, GPTQModelVariant)
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
+        _cpu_workers()
         from gptqmodel import GPTQModel
         from gptqmodel.quantization.config import AWQConfig, QuantizeConfig
 
@@ -101,6 +105,7 @@ class GPTQModelAdapter(CalibratedAdapter):
 
     def load(self, folder: Path, variant: VariantConfig, device: torch.device) -> QuantizedModel:
         assert isinstance(variant, GPTQModelVariant)
+        _cpu_workers()
         from gptqmodel import GPTQModel
 
         try:

@@ -37,7 +37,7 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
-from harness.adapters.calibrated import CalibratedAdapter, save_tokenizer
+from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
 
 WEIGHT_ONLY = ("W4A16", "W4A16_ASYM", "W8A16")
 
@@ -131,7 +131,7 @@ class LLMCompressorAdapter(CalibratedAdapter):
     packages: ClassVar[tuple[str, ...]] = ("llmcompressor", "compressed-tensors", "transformers")
 
     def availability(self, device: str = "cpu") -> Availability:
-        return Availability.of_import("llmcompressor", "llmcompressor", self.extra)
+        return installed("llmcompressor", "llmcompressor", self.extra)
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, LLMCompressorVariant)

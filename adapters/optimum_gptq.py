@@ -10,6 +10,7 @@ What moved out of optimum 2.x (named here so nobody looks for it): ONNX Runtime 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +25,7 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
-from harness.adapters.calibrated import CalibratedAdapter, save_tokenizer
+from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
 
 
 class OptimumGPTQVariant(VariantConfig):
@@ -47,10 +48,10 @@ class OptimumGPTQAdapter(CalibratedAdapter):
     packages: ClassVar[tuple[str, ...]] = ("optimum", "gptqmodel", "transformers")
 
     def availability(self, device: str = "cpu") -> Availability:
-        found = Availability.of_import("optimum.gptq", "optimum", self.extra)
+        found = installed("optimum.gptq", "optimum", self.extra)
         if not found.ok:
             return found
-        gptq = Availability.of_import("gptqmodel", "gptqmodel", self.extra)
+        gptq = installed("gptqmodel", "gptqmodel", self.extra)
         if not gptq.ok:
             return Availability(False, f"optimum's GPTQQuantizer runs on gptqmodel: {gptq.reason}")
         return found
@@ -69,6 +70,7 @@ class OptimumGPTQAdapter(CalibratedAdapter):
         quantizer = GPTQQuantizer(bits=variant.bits, dataset=rows,
                                   group_size=variant.group_size, desc_act=variant.desc_act, sym=variant.sym,
                                   damp_percent=variant.damp_percent, model_seqlen=calibration.seq_len)
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))  # as in gptqmodel_backend
         model = quantizer.quantize_model(model.to(device), tokenizer=None)
         # optimum writes its config with the dataset in it: token tensors are not JSON (and not config)
         quantizer.dataset = None
