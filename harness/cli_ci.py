@@ -41,6 +41,8 @@ def compare(
     base_ref: Optional[str] = typer.Option(None, "--base-ref", help="git ref of the base run (e.g. main): the latest "
                                            "run under --runs-root at that commit, same suite and hardware profile"),
     z: float = typer.Option(2.0, "--z", help=Z_HELP),
+    min_change: float = typer.Option(0.0, "--min-change", help="relative change below which a significant delta still "
+                                     "counts as unchanged (e.g. 0.02 for speed on shared machines)"),
     fail_on_regression: bool = typer.Option(False, "--fail-on-regression", help="exit 1 if anything regressed"),
     show_all: bool = typer.Option(False, "--all", help="print unchanged values too"),
 ):
@@ -55,7 +57,7 @@ def compare(
             raise HarnessError("give BASE_RUN CAND_RUN, or only CAND_RUN with --runs-root DIR --base-ref REF")
         base, cand = (None, runs[0]) if len(runs) == 1 else runs
         base = _base(base, runs_root, base_ref, cand, "base")
-        cmp = compare_runs(base, cand, z=z)
+        cmp = compare_runs(base, cand, z=z, min_change=min_change)
         for w in cmp.warnings:
             err_console.print(f"warning: {w}", highlight=False, soft_wrap=True, markup=False)
         table = Table(title=escape(f"{cmp.base['run_id']} -> {cmp.cand['run_id']}"))

@@ -42,6 +42,7 @@ DIRECTIONS: tuple[tuple[str, int], ...] = (
     ("*latency*", -1), ("energy*", -1), ("*_ms", -1), ("*seconds*", -1), ("*_s", -1),
 )
 UNJUDGED_MEASUREMENTS = ("cell", "quantize")
+EXACT_METRICS = ("bits_per_weight*", "*_bytes", "*_bytes@*", "weight_bytes*", "n_params*")
 PAIRED_METRICS = ("ppl", "nll", "ppl_ratio", "ln_ppl_ratio")
 QUIET = ("same", "noise", "unjudged")  # verdicts that need no attention
 
@@ -52,7 +53,13 @@ def direction(measurement: str, metric: str, unit: str = "") -> int:
     for pattern, sign in DIRECTIONS:
         if fnmatch(metric, pattern):
             return sign
-    return {"tok/s": +1, "s": -1, "ms": -1}.get(unit, 0)
+    return {"tok/s": +1, "tokens/s": +1, "s": -1, "ms": -1}.get(unit, 0)
+
+
+def exact(measurement: str, metric: str) -> bool:
+    """Values that carry no noise (sizes counted from storage): any change is real. Every other
+    value without a recorded uncertainty cannot be judged and is only shown."""
+    return measurement == "footprint" or any(fnmatch(metric, p) for p in EXACT_METRICS)
 
 
 def record_sigma(r: Record) -> float | None:
@@ -201,7 +208,10 @@ def _refs(records: list[Record]) -> dict[str, str]:
     return {r.model: r.cell_id for r in records if r.is_reference}
 
 
-def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float = 2.0) -> Comparison:
+def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float = 2.0, min_change: float = 0.0) -> Comparison:
+    """`z`: standard errors a delta must exceed to be significant; `min_change`: relative change
+    below which a significant delta still counts as unchanged (e.g. 0.02 for speed measured on
+    shared machines, where run-to-run drift exceeds the spread within a run)."""
     base_rd = base if isinstance(base, RunDir) else RunDir(base)
     cand_rd = cand if isinstance(cand, RunDir) else RunDir(cand)
     cmp = Comparison(run_summary(base_rd), run_summary(cand_rd), z)
@@ -236,21 +246,21 @@ def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float 
             elif d.base_sigma is not None or d.cand_sigma is not None:
                 d.sigma = math.hypot(d.base_sigma or 0.0, d.cand_sigma or 0.0)
                 d.z = d.delta / d.sigma if d.sigma > 0 else (0.0 if d.delta == 0 else math.copysign(math.inf, d.delta))
-            else:  # exact quantities (sizes, counts): any change is real
+            elif exact(c.measurement, c.metric):  # sizes counted from storage: any change is real
                 d.z = 0.0 if d.delta == 0 else math.copysign(math.inf, d.delta)
-            d.verdict = _verdict(d, z)
+            d.verdict = _verdict(d, z, min_change)
             cmp.deltas.append(d)
     order = {"failed": 0, "regression": 1, "improvement": 2, "recovered": 3, "changed": 4, "new": 5, "gone": 6, "noise": 7, "unjudged": 8, "same": 9}
     cmp.deltas.sort(key=lambda d: (order.get(d.verdict, 9), d.model, d.cell, d.measurement, d.metric))
     return cmp
 
 
-def _verdict(d: Delta, z: float) -> str:
+def _verdict(d: Delta, z: float, min_change: float = 0.0) -> str:
     if d.delta == 0:
         return "same"
-    if d.measurement in UNJUDGED_MEASUREMENTS:
-        return "unjudged"
-    if d.z is None or abs(d.z) <= z:
+    if d.measurement in UNJUDGED_MEASUREMENTS or d.z is None:
+        return "unjudged"  # bookkeeping times, or no uncertainty to judge a change by
+    if abs(d.z) <= z or (d.rel is not None and abs(d.rel) < min_change):
         return "noise"
     if d.direction == 0:
         return "changed"
@@ -332,5 +342,5 @@ def markdown(cmp: Comparison, limit: int = 50) -> str:
         if len(shown) > limit:
             lines.append(f"\n… and {len(shown) - limit} more (see the HTML comparison).")
     quiet = sum(d.verdict in QUIET for d in cmp.deltas)
-    lines += ["", f"{quiet} other value(s) unchanged, within noise or not judged (wall times)."]
+    lines += ["", f"{quiet} other value(s) unchanged, within noise, or not judged (wall times, values without uncertainty)."]
     return "\n".join(lines) + "\n"

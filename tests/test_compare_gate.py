@@ -312,3 +312,17 @@ def test_perf_uncertainty_from_raw_samples_when_none_is_recorded():
     judged = evaluate(gate, [spread, base[1]], base, z=2.0)
     assert judged[0].passed and "within noise" in judged[0].detail  # 0.96x, but the repeats spread ~7%
     assert not evaluate(gate, [tight, base[1]], [tight.model_copy(update={"value": 104.0}), base[1]], z=2.0)[0].passed
+
+
+def test_values_without_uncertainty_are_judged_only_when_exact(tmp_path, tokens):
+    ref, q = tokens
+    a = make_run(tmp_path / "a", {"ref": ref, "int4": q})
+    b = make_run(tmp_path / "b", {"ref": ref, "int4": q})
+    for rd, util, bpw in ((a, 0.50, 4.25), (b, 0.40, 4.5)):
+        ident = _ident("int4", "rtn", "int4", run_id=rd.path.name)
+        rd.append([Record(**ident, measurement="speed", metric="bandwidth_utilisation", value=util, unit="fraction"),
+                   Record(**ident, measurement="footprint", metric="bits_per_weight", value=bpw, unit="bits", attempt=1)])
+    cmp = compare_runs(a, b, min_change=0.0)
+    verdict = {(d.measurement, d.metric): d.verdict for d in cmp.deltas if d.cell == "rtn:int4"}
+    assert verdict[("speed", "bandwidth_utilisation")] == "unjudged"  # derived from timings, no error bar: not judged
+    assert verdict[("footprint", "bits_per_weight")] == "regression"  # counted from storage: any change is real
