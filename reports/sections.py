@@ -15,10 +15,12 @@ from harness.registry import import_object
 
 # name -> "module:builder"; order is page order.
 SECTIONS: dict[str, str] = {
+    "frontier-explorer": "harness.reports.section_frontier_explorer:build",
     "tasks": "harness.reports.section_tasks:build",
     "drift": "harness.reports.section_drift:build",
     "outliers": "harness.reports.section_outliers:build",
     "calibration": "harness.reports.section_calibration:build",
+    "calibrated": "harness.reports.section_artifacts:build",
     "levers": "harness.reports.section_levers:build",
     "roofline": "harness.reports.section_roofline:build",
     "encoders": "harness.reports.section_encoders:build",

@@ -89,7 +89,7 @@ def test_report_is_self_contained(run_dir):
     assert not re.search(r"<script[^>]*\bsrc\s*=", ours, re.I)
     assert "cdn" not in ours.lower()
     assert "http://" not in ours and "https://" not in ours
-    assert ours.count("Plotly.newPlot(") == 2  # ppl vs bits and vs MB; one model
+    assert ours.count("Plotly.newPlot(") == 3  # ppl vs bits and vs MB; one model; + the frontier explorer (tok/s recorded)
 
 
 def test_report_content(run_dir):

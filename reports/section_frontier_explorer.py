@@ -1,0 +1,132 @@
+"""Report section "Frontier explorer": one figure per model with a menu that switches the axes —
+x: bits per weight, weight size or decode speed (when measured); y: every quality metric that has
+a better direction (ppl, ppl ratio, mean KLD, top-1 agreement, task accuracy / recovery, ...).
+
+The fixed frontier figures above show the headline pairs; this one keeps the page light while
+letting a reader try any pair. The Pareto front honours each axis's direction (speed: higher is
+better, size: lower; the y metric's own direction from harness.compare.direction)."""
+
+from __future__ import annotations
+
+import html
+import re
+from fnmatch import fnmatch
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from harness.compare import direction
+from harness.reports.html import pareto_front
+from harness.reports.sections import Section
+
+# (metric names tried in order, menu label, axis title, scale, lower is better)
+X_CHOICES = (
+    (("bits_per_weight",), "bits/weight", "bits per weight (bits)", 1.0, True),
+    (("weight_bytes",), "weight MB", "weight size (MB = 10^6 bytes)", 1e6, True),
+    (("decode_tokens_s", "tokens_per_s"), "decode tok/s", "decode speed (tokens/s, higher is better)", 1.0, False),
+)
+NOT_QUALITY = {"footprint", "cell", "quantize", "speed", "memory", "ceilings", "encoder-speed", "training", "decode",
+               "prefill", "latency", "kv-cache"}
+NOT_QUALITY_METRICS = ("*tokens_s*", "*tok_s*", "*tokens_per_s*", "*throughput*", "*latency*", "*_s", "*seconds*",
+                       "*_bytes*", "*memory*", "energy*", "bandwidth*", "bits_per_weight*")  # speed, cost and size
+RESTATEMENTS = {"nll", "ln_ppl_ratio"}
+
+
+def _per_cell(ok: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
+    for m in metrics:
+        rows = ok[ok["metric"] == m].drop_duplicates(subset="cell_id", keep="last")
+        if not rows.empty:
+            return rows
+    return ok.iloc[0:0]
+
+
+def _y_metrics(ok: pd.DataFrame) -> list[tuple[str, str]]:
+    out = []
+    for (meas, metric), g in ok.groupby(["measurement", "metric"], sort=True):
+        if (meas in NOT_QUALITY or metric in RESTATEMENTS or "@" in metric or re.search(r"_p\d", metric)
+                or any(fnmatch(metric, p) for p in NOT_QUALITY_METRICS)
+                or direction(meas, metric) == 0 or g["cell_id"].nunique() < 2):
+            continue
+        out.append((meas, metric))
+    return out
+
+
+def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
+    ok = df[(df["status"] == "ok") & df["value"].notna() & (df["model"] == model)]
+    failed = set(df.loc[(df["model"] == model) & (df["status"] != "ok"), "cell_id"])
+    ok = ok[~ok["cell_id"].isin(failed)]
+    if ok.empty:
+        return None
+    xs = [(c, _per_cell(ok, c[0])) for c in X_CHOICES]
+    xs = [(c, rows) for c, rows in xs if len(rows) >= 2]
+    ys = _y_metrics(ok)
+    combos = [(x, y) for y in ys for x in xs]
+    if len(combos) < 2:
+        return None
+    fig = go.Figure()
+    buttons, masks = [], []
+    for (xc, xrows), (meas, metric) in combos:
+        _, xlabel, xtitle, scale, x_lower = xc
+        yrows = ok[(ok["measurement"] == meas) & (ok["metric"] == metric)].drop_duplicates(subset="cell_id", keep="last")
+        pts = yrows.merge(xrows[["cell_id", "value"]].rename(columns={"value": "x"}), on="cell_id")
+        if pts.empty:
+            continue
+        pts = pts.assign(x=pts["x"] / scale).reset_index(drop=True)
+        y_lower = direction(meas, metric) < 0
+        start = len(fig.data)
+        front = pareto_front([(x if x_lower else -x, y) for x, y in zip(pts["x"], pts["value"])], y_lower)
+        if front:
+            fp = pts.iloc[front].sort_values("x")
+            fig.add_trace(go.Scatter(x=fp["x"], y=fp["value"], mode="lines", name="Pareto front", hoverinfo="skip",
+                                     line={"shape": "hv" if x_lower else "vh", "color": "rgba(80,80,80,0.6)", "width": 2}))
+        for backend, g in pts[~pts["is_reference"].astype(bool)].groupby("backend", sort=True):
+            fig.add_trace(go.Scatter(
+                x=g["x"], y=g["value"], mode="markers", name=html.escape(str(backend)), marker={"size": 10},
+                error_y={"type": "data", "array": [None if pd.isna(u) else float(u) for u in g["uncertainty"]], "visible": True},
+                text=[html.escape(str(v)) for v in g["variant"]],
+                hovertemplate="<b>%{text}</b><br>" + f"{html.escape(metric)}: %{{y:.4g}}<br>{html.escape(xlabel)}: %{{x:.4g}}<extra></extra>"))
+        ref = pts[pts["is_reference"].astype(bool)]
+        if not ref.empty:
+            fig.add_trace(go.Scatter(
+                x=ref["x"], y=ref["value"], mode="markers", name="reference (" + html.escape(str(ref["variant"].iloc[0])) + ")",
+                marker={"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
+                hovertemplate=f"reference<br>{html.escape(metric)}: %{{y:.4g}}<extra></extra>"))
+        n = len(fig.data) - start
+        masks.append((start, n))
+        unit = next((str(u) for u in pts["unit"] if isinstance(u, str) and u), "")
+        ytitle = f"{meas}/{metric}" + (f" ({unit})" if unit else "") + (", lower is better" if y_lower else ", higher is better")
+        buttons.append({"label": f"{metric} vs {xlabel}", "ytitle": html.escape(ytitle), "xtitle": xtitle})
+    if len(buttons) < 2:
+        return None
+    total = len(fig.data)
+    menu = []
+    for (start, n), b in zip(masks, buttons):
+        visible = [start <= i < start + n for i in range(total)]
+        menu.append({"label": html.escape(b["label"]), "method": "update",
+                     "args": [{"visible": visible}, {"xaxis.title.text": b["xtitle"], "yaxis.title.text": b["ytitle"],
+                                                     "title.text": f"{html.escape(model)}: {html.escape(b['label'])}"}]})
+    for i, trace in enumerate(fig.data):
+        trace.visible = i < masks[0][0] + masks[0][1]
+    fig.update_layout(
+        title=f"{html.escape(model)}: {html.escape(buttons[0]['label'])}", template="plotly_white",
+        xaxis_title=buttons[0]["xtitle"], yaxis_title=buttons[0]["ytitle"], legend_title_text="backend",
+        updatemenus=[{"buttons": menu, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.18, "yanchor": "top",
+                      "showactive": True}],
+        margin={"t": 90},
+    )
+    return fig
+
+
+def build(df: pd.DataFrame, info: dict) -> Section | None:
+    if df.empty:
+        return None
+    figs = [f for m in sorted(df["model"].dropna().unique()) if (f := explorer_figure(df, m)) is not None]
+    if not figs:
+        return None
+    return Section(
+        title="Frontier explorer",
+        intro=("Pick any quality metric against bits per weight, weight size or decode speed (when measured) from "
+               "the menu. Error bars are the recorded uncertainty; the star is the reference cell; the grey line is "
+               "the Pareto front for the chosen pair, each axis in its own better direction."),
+        figures=figs,
+    )
