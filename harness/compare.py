@@ -225,24 +225,23 @@ def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float 
     brefs, crefs = _refs(brecs), _refs(crecs)
     ident = {r.cell_id: r for r in [*brecs, *crecs]}
 
-    for cid in [c for c in dict.fromkeys([*ccells, *bcells])]:
+    for cid in dict.fromkeys([*ccells, *bcells]):  # candidate order first, then cells only the base has
         r0 = ident[cid]
         bs, cs = bcells.get(cid), ccells.get(cid)
         if bs != cs:
             verdict = ("new" if bs is None else "gone" if cs is None else "failed" if cs == "failed"
                        else "recovered" if bs == "failed" and cs == "ok" else f"{bs} -> {cs}")
             cmp.deltas.append(Delta(r0.model, r0.backend, r0.variant, cid, "cell", "status", "", None, None, verdict=verdict))
-        keys = [k for k in dict.fromkeys([*[k for k in cvals if k[0] == cid], *[k for k in bvals if k[0] == cid]])]
-        for key in keys:
+        for key in [k for k in cvals if k[0] == cid]:
             b, c = bvals.get(key), cvals.get(key)
-            if b is None or c is None:
+            if b is None:
                 continue  # a metric on one side only (a newer measurement): nothing to compare
             d = Delta(c.model, c.backend, c.variant, cid, c.measurement, c.metric, c.unit, b.value, c.value,
                       record_sigma(b), record_sigma(c), direction=direction(c.measurement, c.metric, c.unit))
             pz = paired_z(base_rd, b, cand_rd, c, brefs.get(b.model), crefs.get(c.model))
             if pz is not None:
                 d.paired, d.z = True, pz
-                d.sigma = abs(d.delta / pz) if pz not in (0.0,) and math.isfinite(pz) else (0.0 if math.isinf(pz) else None)
+                d.sigma = 0.0 if math.isinf(pz) else (abs(d.delta / pz) if pz else None)
             elif d.base_sigma is not None or d.cand_sigma is not None:
                 d.sigma = math.hypot(d.base_sigma or 0.0, d.cand_sigma or 0.0)
                 d.z = d.delta / d.sigma if d.sigma > 0 else (0.0 if d.delta == 0 else math.copysign(math.inf, d.delta))
