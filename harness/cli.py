@@ -218,6 +218,7 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
         profile, name = hardware.detect(dev)
         prov = provenance.collect(dev)
         console.print(f"device: {dev} ({name}); hardware profile: {profile}", highlight=False, soft_wrap=True)
+        console.print(hardware.describe(hardware.profiles().get(profile)), highlight=False, soft_wrap=True)
         console.print(f"harness {prov['harness_version']} ({prov['git_sha']}), python {prov['python']}, {prov['platform']}",
                       highlight=False, soft_wrap=True)
         if prov.get("gpu"):

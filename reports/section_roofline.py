@@ -1,0 +1,106 @@
+"""Report section: the roofline, one figure per hardware profile.
+
+Roofs are the measured ceilings of the run ("ceilings" records: copy bandwidth, GEMM per dtype),
+with the profile's datasheet values dashed beside them. Points are the "speed" records: each
+prefill and decode grid point at its arithmetic intensity (from the model config, harness.perf.
+roofline) and achieved FLOP/s. The table gives tokens/s against the roofline's tokens/s,
+bandwidth utilisation (bytes that had to move / time / measured bandwidth) and, where a cell ran
+both decode modes, the framework-vs-graph gap (Python and launch overhead apart from kernels)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from harness.reports.section_drift import _ok, cell_label
+from harness.reports.sections import Section
+
+POINT_PREFIXES = ("decode_tokens_s@", "prefill_tokens_s@")
+
+
+def _points(df: pd.DataFrame) -> pd.DataFrame:
+    speed = _ok(df, "speed")
+    return speed[speed["metric"].str.startswith(POINT_PREFIXES)]
+
+
+def _figure(profile: str, ceil: pd.DataFrame, pts: pd.DataFrame) -> go.Figure:
+    from harness.reports.html import _esc
+
+    xs = [p["intensity"] for p in pts["params"]] or [1.0]
+    lo, hi = min(xs + [0.1]) / 3, max(xs + [1e4]) * 3
+    fig = go.Figure()
+    bw_rows = ceil[ceil["metric"] == "memory_bandwidth"]
+    if not bw_rows.empty:
+        bw = float(bw_rows.iloc[0]["value"])
+        sheet_bw = bw_rows.iloc[0]["params"].get("datasheet")
+        for name, row in ceil[ceil["metric"].str.startswith("gemm_")].iterrows():
+            peak, label = float(row["value"]), row["metric"][5:]
+            knee = peak / bw
+            fig.add_trace(go.Scatter(x=[lo, knee, hi], y=[lo * bw, peak, peak], mode="lines", name=f"measured {label}",
+                                     hovertemplate=f"{label}: %{{y:.3g}} {row['unit']}<extra></extra>"))
+            sheet = row["params"].get("datasheet")
+            if sheet and sheet_bw:
+                fig.add_trace(go.Scatter(x=[lo, sheet / sheet_bw, hi], y=[lo * sheet_bw, sheet, sheet], mode="lines",
+                                         line={"dash": "dot", "width": 1}, name=f"datasheet {label}", visible="legendonly"))
+    for (cell, phase), group in pts.groupby([pts.apply(cell_label, axis=1), pts["metric"].str.split("@").str[0]]):
+        params = list(group["params"])
+        fig.add_trace(go.Scatter(
+            x=[p["intensity"] for p in params], y=[p["achieved_flops"] for p in params], mode="markers",
+            marker={"symbol": "circle" if phase.startswith("decode") else "diamond", "size": 9},
+            name=_esc(f"{cell} {phase.split('_')[0]}"),
+            text=[_esc(f"{m.split('@')[1]}: {v:.4g} tok/s, {p['roofline_fraction']:.0%} of roofline "
+                       f"({p['roofline_tokens_s']:.4g}), bw util {p['bandwidth_utilisation']:.0%}")
+                  for m, v, p in zip(group["metric"], group["value"], params)],
+            hovertemplate="%{text}<extra></extra>"))
+    fig.update_layout(title=_esc(f"Roofline: {profile}"), xaxis={"type": "log", "title": "arithmetic intensity (ops/byte)"},
+                      yaxis={"type": "log", "title": "ops/s"}, height=460, margin={"t": 50})
+    return fig
+
+
+def build(df: pd.DataFrame, info: dict) -> Section | None:
+    from harness.reports.html import Table, _fmt, _fmt_unc
+
+    pts = _points(df)
+    if pts.empty:
+        return None
+    ceilings = _ok(df, "ceilings")
+    figures, rows, gaps = [], [], []
+    for profile, group in pts.groupby("hardware_profile"):
+        ceil = ceilings[ceilings["hardware_profile"] == profile].drop_duplicates("metric")
+        figures.append(_figure(str(profile), ceil, group))
+    energy = _ok(df, "speed")
+    energy = {(r["cell_id"], r["metric"].split("@")[1]): r["value"] for _, r in energy.iterrows()
+              if r["metric"].startswith("energy_j_per_token@")}
+    for _, r in pts.iterrows():
+        p, tag = r["params"], r["metric"].split("@")[1]
+        rows.append([(cell_label(r), ""), (str(r["hardware_profile"]), ""), (p["phase"], ""), (p.get("mode", "-"), ""),
+                     (str(p["batch"]), repr(float(p["batch"]))), (str(p.get("context", p.get("prompt_length"))), ""),
+                     (_fmt_unc(r["value"], r["uncertainty"]), repr(float(r["value"]))),
+                     (_fmt(p["roofline_tokens_s"]), repr(float(p["roofline_tokens_s"]))),
+                     (f"{p['roofline_fraction']:.1%}", repr(float(p["roofline_fraction"]))),
+                     (f"{p['bandwidth_utilisation']:.1%}", repr(float(p["bandwidth_utilisation"]))),
+                     (_fmt(p["intensity"]), repr(float(p["intensity"]))),
+                     (_fmt(energy.get((r["cell_id"], tag))), "")])
+    decode = pts[pts["metric"].str.startswith("decode_tokens_s@")]
+    by_key = {(r["cell_id"], r["params"]["mode"], r["params"]["batch"], r["params"]["context"]): r for _, r in decode.iterrows()}
+    for (cid, mode, batch, context), r in by_key.items():
+        graph = by_key.get((cid, "graph", batch, context))
+        if mode == "framework" and graph is not None:
+            gaps.append([(cell_label(r), ""), (str(batch), ""), (str(context), ""), (_fmt(r["value"]), repr(float(r["value"]))),
+                         (_fmt(graph["value"]), repr(float(graph["value"]))),
+                         (f"{graph['value'] / r['value']:.2f}x", repr(graph["value"] / r["value"]))])
+    tables = [Table(["cell", "hardware", "phase", "mode", "batch", "context", "tokens/s (± IQR/2)", "roofline tokens/s",
+                     "of roofline", "bandwidth utilisation", "ops/byte", "J/token"], rows)]
+    notes = []
+    if gaps:
+        tables.append(Table(["cell", "batch", "context", "framework tokens/s", "graph tokens/s", "graph / framework"], gaps))
+    else:
+        notes.append("No cell ran both decode modes here (graph-captured decode needs a CUDA device): no framework-vs-graph gap.")
+    if ceilings.empty:
+        notes.append("No 'ceilings' records: the roofs are missing (add the ceilings measurement to the suite).")
+    return Section(
+        title="Roofline",
+        intro=("Each speed point at its arithmetic intensity (ops per byte that had to move, from the model config and "
+               "the measured bits per weight) against the run's measured ceilings (solid; datasheet dotted, in the legend). "
+               "Utilisation = bytes that had to move / median time / measured copy bandwidth."),
+        figures=figures, tables=tables, notes=notes)
