@@ -192,3 +192,35 @@ def test_single_token_choices_share_one_forward(tmp_path):
     assert Counting.rows == 1
     for (c, t), (ll, _) in zip(requests, scores):
         assert math.isclose(ll, model.logp(c[-1], t[0]), rel_tol=1e-9)
+
+
+def test_suite_run_pairs_recovery_with_the_reference(tmp_path, harness_env):
+    """Through the runner: the reference cell runs first, the other cell finds its per-item file."""
+    from conftest import write_suite
+
+    from harness.runner import run_suite
+    from harness.store import load_records
+    from harness.suite import load_suite
+
+    suite = write_suite(tmp_path / "s.yaml", """
+        name: tiny-tasks
+        models: [tiny:llama]
+        device: cpu
+        reference: fp:fp32
+        backends:
+          - name: fp
+            variants: [{dtype: float32}]
+          - name: rtn
+            variants: [{bits: 2, group_size: 32}]
+        measurements:
+          - {name: tasks, tasks: [piqa, lambada], limit: 12, max_length: 256}
+        """)
+    run_suite(load_suite(str(suite)), out=tmp_path / "run")
+    df = load_records(tmp_path / "run")
+    assert (df[df.metric == "acc@piqa"].n == 12).all() and len(df[df.metric == "ppl@lambada"]) == 2
+    rec = df[df.metric.str.startswith("recovery@")]
+    assert (rec.variant != "fp32").all() and rec.params.map(lambda p: p["reference_cell"]).nunique() == 1
+    # a recovery wherever the reference got any item right (random tiny weights: piqa yes, lambada likely not)
+    ref_acc = df[(df.variant == "fp32") & df.metric.str.startswith("acc@")].set_index("metric").value
+    expected = sorted(f"recovery@{m.split('@')[1]}" for m, v in ref_acc.items() if v > 0 and not m.startswith("acc_norm"))
+    assert sorted(rec.metric) == expected and "recovery@piqa" in expected
