@@ -174,6 +174,9 @@ def test_sensitivity_by_hand(tiny, tmp_path):
 
     with pytest.raises(HarnessError, match="unknown sensitivity scheme"):
         Sensitivity().run(ctx, SensitivityParams(schemes=["rtn-w5"]))
+    groups_only = Sensitivity().run(ctx, SensitivityParams(n_samples=1, seq_len=32, schemes=["rtn-w8"], groups=["down_proj"],
+                                                           rank=False))
+    assert [(v.metric, v.params["layers_in_group"]) for v in groups_only] == [("group_kld@group", 2)]
 
 
 def test_backend_calibration_override_reaches_cells(harness_env, tmp_path):

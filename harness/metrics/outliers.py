@@ -85,8 +85,9 @@ UNITS = {"act_absmax": "abs value", "act_max_median_ratio": "x", "act_kurtosis":
 
 
 def probe_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The float linear layers quantizers target (the output head is left out, as they do)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+    """The float linear layers quantizers target (the output head is left out, as they do). Exact
+    type: quantized layers that subclass nn.Linear (quanto, bitsandbytes) are not float layers."""
+    return {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith("lm_head")}
 
 
 def weight_row_ratio(linear: torch.nn.Linear) -> float:

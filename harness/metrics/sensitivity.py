@@ -41,6 +41,9 @@ def _torch_dynamic(per_channel: bool) -> Callable[[torch.nn.Linear], torch.nn.Mo
     def build(linear: torch.nn.Linear) -> torch.nn.Module:
         from harness.adapters.torch_int8 import _quiet_torch_ao
 
+        if linear.weight.dtype != torch.float32:  # the dynamic kernels take float32 only
+            raise HarnessError(f"sensitivity: torch dynamic int8 needs a float32 model, not {linear.weight.dtype}")
+
         with _quiet_torch_ao(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*script_method.*deprecated.*")  # torch's own packed params
             import torch.ao.quantization as tq
@@ -48,7 +51,7 @@ def _torch_dynamic(per_channel: bool) -> Callable[[torch.nn.Linear], torch.nn.Mo
 
             linear.qconfig = tq.per_channel_dynamic_qconfig if per_channel else tq.default_dynamic_qconfig
             try:
-                return DynamicLinear.from_float(linear.float())
+                return DynamicLinear.from_float(linear)
             finally:
                 del linear.qconfig
     return build
@@ -84,7 +87,8 @@ class SensitivityParams(MeasurementParams):
                               description="regexes: each group quantized together under every scheme ('.': all)")
     base: str = "rtn-w4g64"
     keep_as: str = "rtn-w8"
-    keep: list[int] = Field(default_factory=lambda: [1, 4, 16])
+    keep: list[int] = Field(default_factory=lambda: [1, 4, 16], description="N most sensitive kept at keep_as ([]: none)")
+    rank: bool = Field(True, description="one layer at a time (False: groups only, no mixed-precision suggestion)")
 
 
 class Swapper:
@@ -151,12 +155,13 @@ class Sensitivity(Measurement):
 
         detail = {**params.model_dump(), "tokens": int(ids.numel())}
         proto = f"sensitivity: KLD from the float model on {params.n_samples} x {params.seq_len} calibration tokens"
-        total = len(params.schemes) * (len(layers) + len(params.groups)) + len(params.keep) + 1
+        keep = params.keep if params.rank else []
+        total = len(params.schemes) * (len(layers) * params.rank + len(params.groups)) + (len(keep) + 1) * bool(keep)
         done, out, ranking = 0, [], {}
         for scheme in params.schemes:
             build = _scheme(scheme)
             rows = []
-            for name, linear in layers.items():
+            for name, linear in (layers if params.rank else {}).items():
                 mean, se, top1, n = measure({name: build(linear)})
                 rows.append({"layer": name, "kld_mean": mean, "kld_stderr": se, "top1_agreement": top1})
                 out.append(MetricValue("layer_kld@layer", mean, "nats", n=n, uncertainty=se, uncertainty_kind="stderr (token-level)",
@@ -164,9 +169,10 @@ class Sensitivity(Measurement):
                 done += 1
                 ctx.progress(done, total, f"sensitivity {scheme}")
             rows.sort(key=lambda r: -r["kld_mean"])
-            ranking[scheme] = rows
-            out.append(MetricValue("top_layer_kld", rows[0]["kld_mean"], "nats", n=n, protocol=proto,
-                                   params={**detail, "scheme": scheme, "layer": rows[0]["layer"]}))
+            if rows:
+                ranking[scheme] = rows
+                out.append(MetricValue("top_layer_kld", rows[0]["kld_mean"], "nats", n=n, protocol=proto,
+                                       params={**detail, "scheme": scheme, "layer": rows[0]["layer"]}))
             for group in params.groups:
                 members = {n: build(m) for n, m in layers.items() if re.search(group, n)}
                 if members:
@@ -176,7 +182,7 @@ class Sensitivity(Measurement):
                 done += 1
                 ctx.progress(done, total, f"sensitivity {scheme} groups")
 
-        suggestion = self._mixed(params, layers, ranking, measure, detail, proto, out, ctx, done, total)
+        suggestion = self._mixed(params, layers, ranking, measure, detail, proto, out, ctx, done, total) if keep else []
         (ctx.artifact_dir / "sensitivity.json").write_text(json.dumps(
             {"protocol": proto, "params": detail, "schemes": {s: SCHEMES[s][0] for s in ranking},
              "ranking": ranking, "mixed_precision": suggestion}, indent=1))
