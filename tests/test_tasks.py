@@ -224,3 +224,17 @@ def test_suite_run_pairs_recovery_with_the_reference(tmp_path, harness_env):
     ref_acc = df[(df.variant == "fp32") & df.metric.str.startswith("acc@")].set_index("metric").value
     expected = sorted(f"recovery@{m.split('@')[1]}" for m, v in ref_acc.items() if v > 0 and not m.startswith("acc_norm"))
     assert sorted(rec.metric) == expected and "recovery@piqa" in expected
+
+
+def test_lm_eval_results_become_metric_values():
+    from harness.metrics.lm_eval_bridge import LmEvalParams, local_rolling_task, to_values
+
+    results = {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.05,
+                                        "acc_norm,none": 0.55, "acc_norm_stderr,none": "N/A"}},
+               "n-samples": {"arc_easy": {"original": 570, "effective": 100}}, "lm_eval_version": "0.4.13"}
+    values = {v.metric: v for v in to_values(results, LmEvalParams(tasks=("arc_easy",), limit=100))}
+    assert set(values) == {"lmeval_arc_easy_acc", "lmeval_arc_easy_acc_norm"}
+    acc = values["lmeval_arc_easy_acc"]
+    assert (acc.value, acc.uncertainty, acc.n, acc.protocol) == (0.5, 0.05, 100, "lm-eval 0.4.13")
+    assert values["lmeval_arc_easy_acc_norm"].uncertainty is None
+    assert "output_type: loglikelihood_rolling" in local_rolling_task("t", "/x/docs.jsonl")
