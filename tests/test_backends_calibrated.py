@@ -71,6 +71,8 @@ def test_cache_key_follows_tokens_variant_versions_and_model_files(tmp_path):
 
 def test_failed_build_leaves_nothing_and_rebuild_replaces(tmp_path, monkeypatch):
     key = artifact_key(None, "x", {}, _calibration(), {}, "cpu")
+    orphan = tmp_path / f".{key[0]}.tmp-{2**22 + 12345}-deadbeef"  # a build killed mid-way (no such pid)
+    orphan.mkdir()
 
     def broken(folder):
         (folder / "half").write_bytes(b"")
@@ -78,7 +80,7 @@ def test_failed_build_leaves_nothing_and_rebuild_replaces(tmp_path, monkeypatch)
 
     with pytest.raises(RuntimeError):
         cached_build(key, broken, root=tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # neither the failed build's folder nor the orphan
     cached_build(key, lambda folder: (folder / "v").write_text("1") and None, root=tmp_path)
     monkeypatch.setenv("QHARNESS_ARTIFACTS", "rebuild")
     folder, info = cached_build(key, lambda folder: (folder / "v").write_text("2") and None, root=tmp_path)
@@ -194,6 +196,11 @@ def test_second_run_of_a_cell_loads_the_artifact(tmp_path, harness_env):
     assert original2 == pytest.approx(original1)  # the hit reports the original calibration time
     assert calibration == {"corpus": "boolq-wiki", "n_samples": 4, "seq_len": 64, "seed": 0}
     assert ppl2 == pytest.approx(ppl1, rel=1e-6) and math.isfinite(ppl1)
+    from harness.reports.section_artifacts import build
+
+    section = build(load_records(tmp_path / "run2"), {})
+    (row,) = section.tables[0].rows
+    assert row[0][0] == "gptqmodel:gptq-int4-g32-asym" and row[2][0] == "hit" and "4 x 64" in row[1][0]
 
 
 # --- slow: the embedded model, 4-bit g64, a tiny calibration set (8 x 256) -------------------------------
