@@ -96,6 +96,17 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
         tables.append(Table(["cell", "batch", "context", "framework tokens/s", "graph tokens/s", "graph / framework"], gaps))
     else:
         notes.append("No cell ran both decode modes here (graph-captured decode needs a CUDA device): no framework-vs-graph gap.")
+    for _, r in _ok(df, "speed")[lambda d: d["metric"] == "decode_tokens_s"].drop_duplicates("hardware_profile").iterrows():
+        layers = r["params"].get("layers") or []
+        if layers:  # one per-layer table per hardware profile, from its first cell
+            tables.append(Table(
+                [f"layer ({cell_label(r)}, {r['hardware_profile']}, decode b{r['params']['batch']})", "per forward",
+                 "decode ops/byte", "prefill ops/byte", "decode bytes", "share of decode floor", "decode bound by"],
+                [[(x["layer"], ""), (str(x["count"]), ""), (_fmt(x["decode_intensity"]), repr(float(x["decode_intensity"]))),
+                  (_fmt(x["prefill_intensity"]), repr(float(x["prefill_intensity"]))),
+                  (_fmt(x["decode_bytes"]), repr(float(x["decode_bytes"]))),
+                  (f"{x['decode_floor_share']:.1%}", repr(float(x["decode_floor_share"]))), (x["decode_bound"], "")]
+                 for x in layers]))
     if ceilings.empty:
         notes.append("No 'ceilings' records: the roofs are missing (add the ceilings measurement to the suite).")
     return Section(

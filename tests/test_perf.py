@@ -202,6 +202,9 @@ def test_perf_measurements_on_a_tiny_model(tmp_path, harness_env):
     assert {"decode_tokens_s", "prefill_tokens_s", "prefill_tokens_s@p16", "tpot_s@framework-b1-c8",
             "ttft_s@framework-b1-c8", "bandwidth_utilisation"} <= set(values)
     assert not any(m.startswith("decode_tokens_s@graph") for m in values)  # graph mode needs CUDA
+    layers = {x["layer"]: x for x in values["decode_tokens_s"].params["layers"]}
+    assert sum(x["decode_floor_share"] for x in layers.values()) == pytest.approx(1.0)
+    assert layers["q_proj"]["prefill_intensity"] > layers["q_proj"]["decode_intensity"]  # 16 rows vs 1
     tp = values["tpot_s@framework-b1-c8"].params
     assert tp["p50"] <= tp["p90"] <= tp["p99"]
     shared = json.loads((tmp_path / "cells" / "ceilings-cpu.json").read_text())

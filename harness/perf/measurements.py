@@ -246,12 +246,27 @@ class Speed(Measurement):
         first = (params.batch_sizes[0], params.contexts[0])
         if (batch, context) == first:  # the headline numbers for the cell table
             suffix = "" if mode == "framework" else "_graph"
+            layers = layer_table(dims, batch, mid_context, params.prompt_lengths[0] if params.prompt_lengths else context,
+                                 peak, bandwidth, kw)
             values.append(MetricValue(f"decode_tokens_s{suffix}", statistics.median(rates), "tokens/s", n=len(rates),
-                                      uncertainty=_half_iqr(rates), params=detail, **unc))
+                                      uncertainty=_half_iqr(rates), params={**detail, "layers": layers}, **unc))
             values.append(MetricValue(f"bandwidth_utilisation{suffix}", detail["bandwidth_utilisation"], "fraction",
                                       n=len(tpot), protocol="bytes that had to move per decode step / median step time / "
                                       "measured copy bandwidth", params={"tag": tag}))
         return values
+
+
+def layer_table(dims, batch: int, context: int, prompt: int, peak: float, bandwidth: float, kw: dict) -> list[dict]:
+    """Per layer: ops/byte in decode and prefill, and its share of the decode floor (the report's
+    per-layer roofline table)."""
+    from harness.perf.roofline import layer_costs
+
+    dec = layer_costs(dims, "decode", batch, context, **kw)
+    pre = {c.name: c for c in layer_costs(dims, "prefill", 1, prompt, **kw)}
+    floor = sum(c.time_floor(peak, bandwidth) * c.count for c in dec)
+    return [{"layer": c.name, "count": c.count, "decode_intensity": c.intensity, "prefill_intensity": pre[c.name].intensity,
+             "decode_bytes": c.bytes * c.count, "decode_floor_share": c.time_floor(peak, bandwidth) * c.count / floor,
+             "decode_bound": "compute" if c.ops / peak > c.bytes / bandwidth else "memory"} for c in dec]
 
 
 class MemoryParams(MeasurementParams):
