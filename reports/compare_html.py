@@ -5,6 +5,7 @@ Offline like the run report: plotly.js is inlined once and nothing refers to an 
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -49,12 +50,14 @@ window.addEventListener("error", function (e) { window.__qharness_errors.push(St
 <p class="headline">{{ n_reg }} regression(s), {{ n_imp }} improvement(s), {{ n_quiet }} value(s) unchanged or within noise.</p>
 <p>A change is significant beyond {{ z }} standard errors of the difference: paired (per-token differences on the very
 same tokens) for perplexity where both runs saved their token NLLs, otherwise both runs' recorded uncertainties
-combined. Sizes have no uncertainty: any change is real. Cell wall time and quantization time are shown, never judged.</p>
+combined. Sizes counted from storage have no uncertainty: any change is real. Cell wall time, quantization time and
+any other value recorded without an uncertainty are shown, never judged ("unjudged").</p>
 {% for w in warnings %}<p class="warn">{{ w }}</p>{% endfor %}
 {% if figure %}
 <h2>Relative change per cell (candidate vs base)</h2>
 <p>Bars: (candidate − base) / |base| in percent; whiskers: ± {{ z }} standard errors of the difference. Red: worse,
-green: better, grey: within noise. Only metrics with a known better direction are shown.</p>
+green: better, grey: within noise. Only headline metrics with a known better direction are drawn (per-slice and
+percentile details, and beyond {{ max_bars }} bars the least significant, are in the table only).</p>
 <div class="figure">{{ figure }}</div>
 {% endif %}
 <h2>All deltas</h2>
@@ -73,10 +76,16 @@ green: better, grey: within noise. Only metrics with a known better direction ar
 """
 
 
+MAX_BARS = 60  # the page stays light: the most significant changes; the table below has every delta
+
+
 def delta_figure(cmp: Comparison) -> go.Figure | None:
-    rows = [d for d in cmp.deltas if d.direction and d.rel is not None]
+    rows = [d for d in cmp.deltas if d.direction and d.rel is not None and "@" not in d.metric
+            and not re.search(r"_p\d", d.metric)]
     if not rows:
         return None
+    if len(rows) > MAX_BARS:
+        rows = sorted(rows, key=lambda d: -abs(d.z) if d.z is not None else 0.0)[:MAX_BARS]
     labels = [html.escape(f"{d.cell} · {d.metric}") + ("" if len({x.model for x in rows}) == 1 else html.escape(f" ({d.model})"))
               for d in rows]
     err = [100 * cmp.z * d.sigma / abs(d.base) if d.sigma is not None and d.base else 0.0 for d in rows]
@@ -88,6 +97,10 @@ def delta_figure(cmp: Comparison) -> go.Figure | None:
         hovertemplate="%{y}<br>%{customdata[0]}: %{customdata[1]}<extra></extra>",
     ))
     fig.add_vline(x=0, line_color="#444")
+    bars = [100 * d.rel for d in rows]
+    lo, hi = min(0.0, *bars), max(0.0, *bars)
+    pad = max(0.5 * (hi - lo), 1.0)  # whiskers far wider than every bar run off the edge, not squash the bars
+    fig.update_xaxes(range=[lo - pad, hi + pad])
     fig.update_layout(xaxis_title="relative change, candidate vs base (%)", yaxis={"autorange": "reversed"},
                       height=max(300, 28 * len(rows) + 120), margin={"l": 260, "r": 30, "t": 30, "b": 60},
                       template="plotly_white")
@@ -104,7 +117,7 @@ def write_compare_html(cmp: Comparison, out: str | Path) -> Path:
         n_reg=len(cmp.regressions), n_imp=len(cmp.improvements),
         n_quiet=sum(d.verdict in QUIET for d in cmp.deltas),
         figure=fig_html, plotly_js=Markup(plotly.offline.get_plotlyjs()) if fig else None,
-        fv=fmt_value, fd=fmt_delta,
+        fv=fmt_value, fd=fmt_delta, max_bars=MAX_BARS,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
