@@ -58,13 +58,10 @@ class OrtVariant(VariantConfig):
 
     @model_validator(mode="after")
     def _knobs_fit_mode(self) -> OrtVariant:
-        groups = [(_STATIC_ONLY, "static")] + ([(_QUANTIZED_ONLY, "dynamic or static")] if self.mode == "fp32" else [])
-        for defaults, modes in groups:
-            if self.mode == "static" and modes == "static":
-                continue
+        for defaults, modes in ((_STATIC_ONLY, ("static",)), (_QUANTIZED_ONLY, ("dynamic", "static"))):
             changed = [k for k, v in defaults.items() if getattr(self, k) != v]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} only apply to mode {modes}, not mode '{self.mode}'")
+            if changed and self.mode not in modes:
+                raise ValueError(f"{', '.join(changed)} only apply to mode {' or '.join(modes)}, not mode '{self.mode}'")
         return self
 
     def label(self) -> str:
