@@ -60,7 +60,8 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
                 if other == corpus or matched is None or mismatched is None:
                     continue
                 gap = mismatched["value"] / matched["value"]
-                gaps.append([(f"{group.iloc[0]['backend']}:{json.dumps(group.iloc[0]['variant_params'], sort_keys=True)}", ""),
+                params = ", ".join(f"{k}={v}" for k, v in sorted(group.iloc[0]["variant_params"].items()))
+                gaps.append([(f"{group.iloc[0]['backend']} ({params})", ""),
                              (corpus, ""), (f"{_fmt(matched['value'])} (calibrated on {corpus})", ""),
                              (f"{_fmt(mismatched['value'])} (calibrated on {other})", ""),
                              (f"{gap:.3f}x", repr(gap))])
