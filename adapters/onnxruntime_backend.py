@@ -112,7 +112,8 @@ def export_encoder(model: torch.nn.Module, tokenizer: Any) -> tuple[Path, dict[s
     if not info_file.exists():
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent if dest.parent.exists() else None))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))  # same filesystem: atomic rename
         example = tokenizer(["an example sentence", "a second, somewhat longer example sentence"],
                             padding=True, return_tensors="pt")
         names = tuple(n for n in INPUTS if n in example)
@@ -130,10 +131,12 @@ def export_encoder(model: torch.nn.Module, tokenizer: Any) -> tuple[Path, dict[s
         info = {"exporter": "torch.onnx.export(dynamo=True)", "export_s": round(export_s, 1), "inputs": list(names),
                 "preprocess": "onnxruntime.quantization.quant_pre_process(skip_symbolic_shape=True)"}
         (tmp / "export.json").write_text(json.dumps(info))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if dest.exists() and not info_file.exists():
+            shutil.rmtree(dest)  # a broken earlier export
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished the same export first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest / "model.onnx", json.loads(info_file.read_text())
 
 
