@@ -90,12 +90,11 @@ def test_llama_cpp_protocol_equals_llama_cpp(tmp_path, smollm2):
     pytest.importorskip("llama_cpp")
     from harness.adapters.llamacpp import LlamaCppAdapter
 
-    source, _, tokenizer = smollm2
-    adapter = LlamaCppAdapter()
-    model, _ = __import__("harness.models", fromlist=["load_model"]).load_model(source)
-    qmodel = adapter.quantize(model, adapter.parse_variant({"qtype": "original"}), None, torch.device("cpu"))
+    _, fp_model, tokenizer = smollm2
+    adapter = LlamaCppAdapter()  # the shipped GGUF itself: no conversion, no quantization
+    qmodel = adapter.quantize(fp_model.module, adapter.parse_variant({"qtype": "original"}), None, torch.device("cpu"))
     n_ctx = 512
-    docs = _docs(9000)
+    docs = _docs(5000)  # ~1200 tokens: 2 chunks
     text = "\n\n".join(docs)
     corpus = tmp_path / "docs.txt"
     corpus.write_text(text)
