@@ -180,6 +180,8 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
         if table is not None:
             tables.append(table)
         figures += figs
+    if not tables and not figures:  # e.g. only the PTQ half of a QAT pair has run
+        return None
     if _cells(rows, "kv-cache").shape[0]:
         notes.append("transformers KV cells compute teacher-forced logits through the cache in chunks (kv: none is the "
                      "same protocol with a float cache); llama.cpp cells always read logits through their KV cache.")
