@@ -11,9 +11,11 @@ Recipes:
 
 What is measured: the checkpoint as transformers loads it. On CPU the 4-bit layers hold the packed
 codes (`weight_packed` int32, scales, zero points) until the first forward, when compressed-tensors
-decompresses them to float: quality is the real one, speed is not an int4 kernel's. Bytes are
-counted right after loading, i.e. the compressed storage. Scales are stored in the model's dtype
-(float32 here: 0.5 bit per weight at g64).
+decompresses them to float (some schemes, e.g. AWQ W4A16_ASYM, are decompressed while loading):
+quality is the real one, speed is not an int4 kernel's. Bytes are therefore counted from the saved
+compressed-tensors checkpoint (safetensors headers: packed codes, scales, zero points per layer),
+not from the runtime module. Scales are stored in the model's dtype (float32 here: 0.5 bit per
+weight at g64).
 
 Patched, narrowly: llm-compressor 0.14's AWQ pins its cached intermediates (`pin_memory()`), which
 raises "Cannot access accelerator device when none is available" on a machine without CUDA. While
@@ -23,6 +25,7 @@ host-to-GPU copies, of which there are none); it is restored afterwards."""
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -38,6 +41,7 @@ from harness.adapters.base import (
     check_group_size,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
+from harness.storage import is_linear_like
 
 WEIGHT_ONLY = ("W4A16", "W4A16_ASYM", "W8A16")
 
@@ -163,4 +167,42 @@ class LLMCompressorAdapter(CalibratedAdapter):
         fmt = json.loads((folder / "config.json").read_text()).get("quantization_config", {}).get("format")
         info = {"kernel": "compressed-tensors (decompressed to float on first forward; accuracy, not int kernels)",
                 "quantized_layers": len(packed), "format": str(fmt)}
-        return QuantizedModel(module, device, info=info)
+        return CheckpointCountedModel(module, device, info=info, stored=checkpoint_tensor_bytes(folder))
+
+
+def checkpoint_tensor_bytes(folder: Path) -> dict[str, int]:
+    """name -> stored bytes of every tensor in the folder's safetensors files, from their headers."""
+    import json
+    import struct
+
+    out: dict[str, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, end = meta["data_offsets"]
+                out[name] = end - start
+    return out
+
+
+@dataclass
+class CheckpointCountedModel(QuantizedModel):
+    """Bytes as stored in the compressed checkpoint: the runtime module may hold decompressed
+    float weights, which is not what a user ships or what an int4 kernel would read."""
+
+    stored: dict[str, int] = field(default_factory=dict)
+
+    def weight_bytes(self) -> int:
+        return sum(self.stored.values())
+
+    def linear_stats(self) -> tuple[int, int]:
+        n_weights = n_bytes = 0
+        for name, mod in self.module.named_modules():
+            if not is_linear_like(mod) or name.split(".")[-1] == "lm_head":
+                continue
+            n_weights += mod.in_features * mod.out_features
+            n_bytes += sum(b for k, b in self.stored.items()
+                           if k.startswith(name + ".") and k.count(".") == name.count(".") + 1 and not k.endswith(".bias"))
+        return n_weights, n_bytes
