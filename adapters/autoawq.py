@@ -18,10 +18,8 @@ from pydantic import Field
 from harness.adapters.base import (
     Availability,
     CalibrationSet,
-    ModelShapes,
     QuantizedModel,
     VariantConfig,
-    check_group_size,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
 
@@ -52,10 +50,6 @@ class AutoAWQAdapter(CalibratedAdapter):
 
     def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
         return Availability(True) if device == "cuda" else Availability(False, CPU_REASON)
-
-    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
-        assert isinstance(variant, AutoAWQVariant)
-        check_group_size(self.name, variant.group_size, shapes)
 
     def build(self, source: Any, model: torch.nn.Module, variant: VariantConfig,
               calibration: CalibrationSet, device: torch.device, folder: Path) -> None:

@@ -14,7 +14,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from harness.adapters.base import Adapter, Availability, CalibrationSet, QuantizedModel, VariantConfig
+from harness.adapters.base import (
+    Adapter,
+    Availability,
+    CalibrationSet,
+    ModelShapes,
+    QuantizedModel,
+    VariantConfig,
+    check_group_size,
+)
 from harness.errors import HarnessError
 
 
@@ -22,6 +30,11 @@ class CalibratedAdapter(Adapter):
     """Subclasses implement `build` (quantize + save into a folder) and `load` (folder -> model)."""
 
     needs_calibration: ClassVar[bool] = True
+
+    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
+        """Every calibrated method here quantizes in groups along the input dimension: refuse a
+        group size that does not divide the layers before anything is calibrated."""
+        check_group_size(self.name, variant.group_size, shapes)
 
     @abstractmethod
     def build(self, source: Any, model: torch.nn.Module, variant: VariantConfig,

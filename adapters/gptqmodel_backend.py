@@ -21,10 +21,8 @@ from pydantic import Field, model_validator
 from harness.adapters.base import (
     Availability,
     CalibrationSet,
-    ModelShapes,
     QuantizedModel,
     VariantConfig,
-    check_group_size,
 )
 from harness.adapters.calibrated import CalibratedAdapter, calibration_rows, installed
 from harness.errors import HarnessError
@@ -90,10 +88,6 @@ class GPTQModelAdapter(CalibratedAdapter):
 
     def availability(self, device: str = "cpu") -> Availability:
         return installed("gptqmodel", "gptqmodel", self.extra)
-
-    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
-        assert isinstance(variant, GPTQModelVariant)
-        check_group_size(self.name, variant.group_size, shapes)
 
     def build(self, source: Any, model: torch.nn.Module, variant: VariantConfig,
               calibration: CalibrationSet, device: torch.device, folder: Path) -> dict[str, Any]:

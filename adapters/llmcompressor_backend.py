@@ -35,10 +35,8 @@ from pydantic import Field, model_validator
 from harness.adapters.base import (
     Availability,
     CalibrationSet,
-    ModelShapes,
     QuantizedModel,
     VariantConfig,
-    check_group_size,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
 from harness.storage import is_linear_like
@@ -136,10 +134,6 @@ class LLMCompressorAdapter(CalibratedAdapter):
 
     def availability(self, device: str = "cpu") -> Availability:
         return installed("llmcompressor", "llmcompressor", self.extra)
-
-    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
-        assert isinstance(variant, LLMCompressorVariant)
-        check_group_size(self.name, variant.group_size, shapes)
 
     def build(self, source: Any, model: torch.nn.Module, variant: VariantConfig,
               calibration: CalibrationSet, device: torch.device, folder: Path) -> dict[str, Any]:

@@ -20,10 +20,8 @@ from pydantic import Field
 from harness.adapters.base import (
     Availability,
     CalibrationSet,
-    ModelShapes,
     QuantizedModel,
     VariantConfig,
-    check_group_size,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
 
@@ -55,10 +53,6 @@ class OptimumGPTQAdapter(CalibratedAdapter):
         if not gptq.ok:
             return Availability(False, f"optimum's GPTQQuantizer runs on gptqmodel: {gptq.reason}")
         return found
-
-    def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
-        assert isinstance(variant, OptimumGPTQVariant)
-        check_group_size(self.name, variant.group_size, shapes)
 
     def build(self, source: Any, model: torch.nn.Module, variant: VariantConfig,
               calibration: CalibrationSet, device: torch.device, folder: Path) -> None:
