@@ -102,6 +102,8 @@ class CalibrationSet:
     seq_len: int
     seed: int
     input_ids: torch.Tensor  # (n_samples, seq_len) int64
+    starts: list[int] | None = None  # each window's offset in the calibration stream, where known
+    stream_tokens: int | None = None  # the calibration stream's length: windows overlap as they near it
 
     def describe(self) -> dict[str, Any]:
         return {"corpus": self.corpus, "n_samples": self.n_samples, "seq_len": self.seq_len, "seed": self.seed}
@@ -163,6 +165,10 @@ class Adapter(ABC):
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability(True)
+
+    def variant_needs_calibration(self, variant: VariantConfig) -> bool:
+        """Whether this variant uses calibration windows (quanto: only its activation variants)."""
+        return self.needs_calibration
 
     def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
         """Whether this variant can run on `device` (e.g. a CUDA-only scheme on a CPU machine).

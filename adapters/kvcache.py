@@ -136,7 +136,7 @@ class KVCacheAdapter(Adapter):
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, KVCacheVariant)
         adapter, parsed = _base_variant(variant)
-        if adapter.needs_calibration:
+        if adapter.variant_needs_calibration(parsed):
             raise HarnessError(f"kv-cache: base {variant.base} needs calibration, which this wrapper does not pass on; "
                                "pick a calibration-free base")
         adapter.check(parsed, shapes, device)

@@ -66,6 +66,10 @@ class QuantoAdapter(Adapter):
     def availability(self, device: str = "cpu") -> Availability:
         return Availability.of_import("optimum.quanto", "optimum-quanto", self.extra)
 
+    def variant_needs_calibration(self, variant: VariantConfig) -> bool:
+        assert isinstance(variant, QuantoVariant)
+        return variant.activations != "none"  # weight-only variants need no text (they run on shape: models)
+
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         assert isinstance(variant, QuantoVariant)
         # quanto chooses int4/int2 group sizes itself (falling back to per channel), so shapes cannot

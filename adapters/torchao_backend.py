@@ -58,6 +58,9 @@ class TorchAOVariant(VariantConfig):
     scheme: Scheme
     group_size: int | None = Field(default=None, gt=0)  # int4 / intx only; intx None: per channel
     bits: int = Field(default=4, ge=1, le=8)  # intx only
+    # int4 only. plain: torchao's default (needs the package mslk >= 1); tile_packed_to_4d: tinygemm
+    # (torch._weight_int4pack_mm, bf16 activations, CUDA; no mslk), the model is cast to bf16.
+    packing: Literal["plain", "tile_packed_to_4d"] = "plain"
 
     @model_validator(mode="after")
     def _knobs_fit_scheme(self) -> TorchAOVariant:
@@ -65,6 +68,8 @@ class TorchAOVariant(VariantConfig):
             raise ValueError(f"group_size applies to int4_weight_only and intx_weight_only, not {self.scheme}")
         if self.bits != 4 and self.scheme != "intx_weight_only":
             raise ValueError(f"bits applies to intx_weight_only only, not {self.scheme}")
+        if self.packing != "plain" and self.scheme != "int4_weight_only":
+            raise ValueError(f"packing applies to int4_weight_only only, not {self.scheme}")
         return self
 
     def effective_group_size(self) -> int | None:
@@ -76,7 +81,7 @@ class TorchAOVariant(VariantConfig):
         if self.scheme == "intx_weight_only":
             return f"intx{self.bits}-" + (f"g{self.group_size}" if self.group_size else "pc")
         if self.scheme == "int4_weight_only":
-            return f"int4wo-g{self.effective_group_size()}"
+            return f"int4wo-g{self.effective_group_size()}" + ("-tile" if self.packing == "tile_packed_to_4d" else "")
         return _SHORT[self.scheme]
 
 
@@ -116,7 +121,7 @@ def _config(variant: TorchAOVariant):
     if s == "int8_dynamic_act_int8_weight":
         return Int8DynamicActivationInt8WeightConfig()
     if s == "int4_weight_only":
-        return Int4WeightOnlyConfig(group_size=variant.effective_group_size())
+        return Int4WeightOnlyConfig(group_size=variant.effective_group_size(), int4_packing_format=variant.packing)
     if s == "intx_weight_only":
         granularity = PerGroup(variant.group_size) if variant.group_size else PerAxis(0)
         return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{variant.bits}"), granularity=granularity)
@@ -159,10 +164,11 @@ class TorchAOAdapter(Adapter):
             return Availability(False,
                 "torchao int4_weight_only needs CUDA (and the package mslk on torchao >= 0.15): on CPU "
                 "quantize_ fails with 'Requires mslk >= 1.0.0'; use intx_weight_only with bits: 4 on CPU")
-        if variant.scheme == "int4_weight_only" and not _has_mslk():
+        if variant.scheme == "int4_weight_only" and variant.packing == "plain" and not _has_mslk():
             return Availability(False,
-                "torchao int4_weight_only needs the package mslk >= 1.0.0, which is not installed (PyPI "
-                "serves only a 0.0.0 placeholder; seen on an H100 with torchao 0.18: 'Requires mslk >= 1.0.0')")
+                "torchao int4_weight_only (packing plain) needs the package mslk >= 1.0.0, which is not installed "
+                "(PyPI serves only a 0.0.0 placeholder; seen on an H100 with torchao 0.18: 'Requires mslk >= 1.0.0'); "
+                "packing: tile_packed_to_4d (tinygemm, bf16) needs no mslk")
         if variant.scheme == "float8_dynamic_act_float8_weight" and not (dev == "cuda" and _fp8_capable_cuda()):
             return Availability(False,
                 "torchao float8_dynamic_act_float8_weight needs a CUDA GPU with compute capability >= 8.9 "
@@ -189,6 +195,8 @@ class TorchAOAdapter(Adapter):
             from torchao.quantization import quantize_
 
             model = model.to(device)
+            if variant.packing == "tile_packed_to_4d" and next(model.parameters()).dtype != torch.bfloat16:
+                model = model.to(torch.bfloat16)  # tinygemm takes bf16 weights and activations only
             quantize_(model, config, filter_fn=_skip_head, device=device)
         kinds = sorted({type(m.weight).__name__ for m in model.modules()
                         if isinstance(m, torch.nn.Linear) and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)})
@@ -198,4 +206,6 @@ class TorchAOAdapter(Adapter):
             "kernel": f"torchao {'+'.join(kinds) or 'none'}",
             "config": type(config).__name__,
             "quantized_layers": n,
+            **({"packing": variant.packing} if variant.scheme == "int4_weight_only" else {}),
+            **({"compute_dtype": "bfloat16 (tinygemm)"} if variant.packing == "tile_packed_to_4d" else {}),
         })

@@ -199,6 +199,17 @@ def calibration_windows(
     tokenizer: Any, corpus: str, n_samples: int, seq_len: int, seed: int
 ) -> torch.Tensor:
     """(n_samples, seq_len) token windows at random offsets of the calibration stream (GPTQ style)."""
+    return calibration_windows_at(tokenizer, corpus, n_samples, seq_len, seed)[0]
+
+
+def calibration_windows_at(
+    tokenizer: Any, corpus: str, n_samples: int, seq_len: int, seed: int
+) -> tuple[torch.Tensor, list[int], int]:
+    """calibration_windows plus each window's start offset and the stream's length in tokens.
+
+    Random offsets overlap once n_samples x seq_len approaches the stream (boolq-wiki's calibration
+    split is ~40k SmolLM2 tokens): whoever holds windows out (QAT) needs the offsets to keep the
+    held-out tokens out of training."""
     if n_samples < 1 or seq_len < 1:
         raise HarnessError(f"n_samples and seq_len must be positive (got {n_samples}, {seq_len})")
     stream = _tokenize(tokenizer, JOINER.join(_texts(corpus, "calibration")))
@@ -208,8 +219,8 @@ def calibration_windows(
             f"windows of seq_len={seq_len} need at least {seq_len + 1}"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, stream.numel() - seq_len, (n_samples,), generator=generator)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, stream.numel() - seq_len, (n_samples,), generator=generator).tolist()
+    return torch.stack([stream[s : s + seq_len] for s in starts]), starts, int(stream.numel())
 
 
 def eval_token_stream(tokenizer: Any, corpus: str, max_tokens: int | None) -> torch.Tensor:

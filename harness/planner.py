@@ -93,7 +93,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
         _check_random_weights(suite, source, measurements, parsed)
         for adapter, backend, variant, label, timeout_s, gpus, calibration_spec in parsed:
             adapter.check(variant, shapes, device)
-            calibration = calibration_spec.model_dump() if adapter.needs_calibration else None
+            calibration = calibration_spec.model_dump() if adapter.variant_needs_calibration(variant) else None
             identity = {
                 "model": source.name, "backend": backend, "variant": variant.model_dump(mode="json"),
                 "device": device, "measurements": measurements, "calibration": calibration,
@@ -134,7 +134,7 @@ def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed
     if quality:
         raise HarnessError(f"suite '{suite.name}': model '{source.name}' has random-init weights (speed only); "
                            f"quality measurement(s) {', '.join(quality)} need real weights: use a real model or drop them")
-    calibrated = [backend for adapter, backend, *_ in parsed if adapter.needs_calibration]
+    calibrated = [backend for adapter, backend, variant, *_ in parsed if adapter.variant_needs_calibration(variant)]
     if calibrated:
         raise HarnessError(f"suite '{suite.name}': model '{source.name}' has random-init weights and no tokenizer; "
                            f"calibrated backend(s) {', '.join(sorted(set(calibrated)))} need real text and weights")

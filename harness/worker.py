@@ -66,11 +66,11 @@ def run_cell(cell_dir: Path) -> None:
 
     calibration = None
     if cell.calibration:
-        from harness.data import calibration_windows
+        from harness.data import calibration_windows_at
 
         c = cell.calibration
-        ids = calibration_windows(tokenizer, c["corpus"], c["n_samples"], c["seq_len"], c["seed"])
-        calibration = CalibrationSet(c["corpus"], c["n_samples"], c["seq_len"], c["seed"], ids)
+        ids, starts, stream_tokens = calibration_windows_at(tokenizer, c["corpus"], c["n_samples"], c["seq_len"], c["seed"])
+        calibration = CalibrationSet(c["corpus"], c["n_samples"], c["seq_len"], c["seed"], ids, starts, stream_tokens)
 
     emit.progress(0, 1, f"quantizing ({cell.backend}:{cell.variant})")
     spread = cell.gpus > 1 and device.type == "cuda"  # one model over several GPUs: quantize on CPU, then place

@@ -5,7 +5,9 @@ with the profile's datasheet values dashed beside them. Points are the "speed" r
 prefill and decode grid point at its arithmetic intensity (from the model config, harness.perf.
 roofline) and achieved FLOP/s. The table gives tokens/s against the roofline's tokens/s,
 bandwidth utilisation (bytes that had to move / time / measured bandwidth) and, where a cell ran
-both decode modes, the framework-vs-graph gap (Python and launch overhead apart from kernels)."""
+both decode modes, the framework-vs-graph gap (Python and launch overhead apart from kernels), and
+the lean mode (harness.perf.lean_decode, compiled) where it ran: the kernels with the framework's
+step bookkeeping taken away too."""
 
 from __future__ import annotations
 
@@ -84,16 +86,21 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
     decode = pts[pts["metric"].str.startswith("decode_tokens_s@")]
     by_key = {(r["cell_id"], r["params"]["mode"], r["params"]["batch"], r["params"]["context"]): r for _, r in decode.iterrows()}
     for (cid, mode, batch, context), r in by_key.items():
-        graph = by_key.get((cid, "graph", batch, context))
-        if mode == "framework" and graph is not None:
+        fast = {m: by_key.get((cid, m, batch, context)) for m in ("graph", "lean")}
+        if mode == "framework" and any(x is not None for x in fast.values()):
+            cols = []
+            for m in ("graph", "lean"):
+                x = fast[m]
+                cols += [(_fmt(x["value"]), repr(float(x["value"]))) if x is not None else ("-", ""),
+                         (f"{x['value'] / r['value']:.2f}x", repr(x["value"] / r["value"])) if x is not None else ("-", "")]
             gaps.append([(cell_label(r), ""), (str(batch), ""), (str(context), ""), (_fmt(r["value"]), repr(float(r["value"]))),
-                         (_fmt(graph["value"]), repr(float(graph["value"]))),
-                         (f"{graph['value'] / r['value']:.2f}x", repr(graph["value"] / r["value"]))])
+                         *cols])
     tables = [Table(["cell", "hardware", "phase", "mode", "batch", "context", "tokens/s (± IQR/2)", "roofline tokens/s",
                      "of roofline", "bandwidth utilisation", "ops/byte", "J/token"], rows)]
     notes = []
     if gaps:
-        tables.append(Table(["cell", "batch", "context", "framework tokens/s", "graph tokens/s", "graph / framework"], gaps))
+        tables.append(Table(["cell", "batch", "context", "framework tokens/s", "graph tokens/s", "graph / framework",
+                             "lean tokens/s", "lean / framework"], gaps))
     else:
         notes.append("No cell ran both decode modes here (graph-captured decode needs a CUDA device): no framework-vs-graph gap.")
     for _, r in _ok(df, "speed")[lambda d: d["metric"] == "decode_tokens_s"].drop_duplicates("hardware_profile").iterrows():

@@ -70,6 +70,34 @@ def test_qat_ptq_baseline_and_bad_input(tiny):
     assert not adapter.variant_availability(adapter.parse_variant({"scheme": "int4_weight_only", "group_size": 32}), "cpu").ok
 
 
+def test_qat_holdout_never_shares_tokens_with_training():
+    from harness.adapters.qat import holdout_split
+
+    # windows of 10 tokens at these offsets: 0 and 1 held out cover [100, 110) and [300, 310)
+    starts = [100, 300, 105, 200, 295, 310, 90, 0]
+    split = holdout_split(len(starts), 10, 2, starts)
+    assert split["held"] == [0, 1] and split["disjoint"] is True
+    assert split["train"] == [3, 5, 6, 7]  # 105 and 295 overlap a held-out window; 310 and 90 (to 100) only touch
+    assert split["dropped"] == 2
+    for i in split["train"]:
+        for h in split["held"]:
+            assert not set(range(starts[i], starts[i] + 10)) & set(range(starts[h], starts[h] + 10))
+    # no offsets known (adapter called directly): nothing can be checked and it says so
+    assert holdout_split(4, 10, 1, None) == {"held": [0], "train": [1, 2, 3], "disjoint": None, "dropped": 0}
+
+
+def test_qat_refuses_when_every_training_window_overlaps_the_holdout(tiny):
+    pytest.importorskip("torchao")
+    from harness.adapters.base import CalibrationSet
+    from harness.adapters.qat import QATAdapter
+
+    build, _ = tiny
+    adapter = QATAdapter()
+    calib = CalibrationSet("r", 3, 32, 0, _windows(3, 32), starts=[0, 5, 10], stream_tokens=50)
+    with pytest.raises(HarnessError, match="overlaps the 1 held-out"):
+        adapter.quantize(build(), adapter.parse_variant({"holdout": 1, "group_size": 32}), calib, torch.device("cpu"))
+
+
 ALLOC = {"*.down_proj": {"bits": 8, "sym": True}, "model.layers.0.*": "float", "default": {"bits": 4, "group_size": 32}}
 
 

@@ -158,6 +158,14 @@ measurements:
     (tmp_path / "bad.yaml").write_text(body + "  - {name: perplexity}\n")
     with pytest.raises(HarnessError, match="random-init weights.*perplexity need real weights"):
         plan(load_suite(str(tmp_path / "bad.yaml")))
+    # weight-only quanto needs no text: planned without calibration; its activation variant is refused
+    quanto = body.replace("{name: fp, variants: [{dtype: float16}]}", "{name: quanto, variants: [{weights: int4}]}")
+    (tmp_path / "quanto.yaml").write_text(quanto)
+    (cell,) = plan(load_suite(str(tmp_path / "quanto.yaml"))).cells
+    assert cell.calibration is None
+    (tmp_path / "quanto-a8.yaml").write_text(quanto.replace("{weights: int4}", "{weights: int8, activations: int8}"))
+    with pytest.raises(HarnessError, match="calibrated backend.*quanto"):
+        plan(load_suite(str(tmp_path / "quanto-a8.yaml")))
     from harness.models import ModelSource, load_model, resolve_model
 
     with pytest.raises(HarnessError, match="did you mean"):
@@ -244,7 +252,7 @@ def test_roofline_section_places_points_and_reports_the_gap():
     names = [t.name for t in section.figures[0].data]
     assert "measured fp16" in names and "datasheet fp16" in names
     gap = section.tables[1]
-    assert gap.rows[0][-1][0] == "8.00x"
+    assert gap.rows[0][5][0] == "8.00x" and gap.rows[0][-1][0] == "-"  # graph / framework; no lean point here
     headline = _speed_record("a", "framework", 20.0, 0.09).model_copy(update={"metric": "decode_tokens_s"})
     headline.params["layers"] = [{"layer": "q_proj", "count": 32, "decode_intensity": 1.0, "prefill_intensity": 300.0,
                                   "decode_bytes": 1e9, "decode_floor_share": 0.25, "decode_bound": "memory"}]

@@ -18,7 +18,9 @@ class TrainingParams(MeasurementParams):
 
 def training_values(training: dict) -> list[MetricValue]:
     tokens = training.get("tokens_per_step")
-    detail = {k: training.get(k) for k in ("lr", "batch_size", "seq_len", "train_windows", "holdout_windows")}
+    detail = {k: training.get(k) for k in ("lr", "batch_size", "seq_len", "train_windows", "holdout_windows",
+                                           "holdout_disjoint", "train_windows_dropped_overlap", "calibration_stream_tokens",
+                                           "distinct_train_tokens", "epochs_over_distinct_tokens") if k in training}
     out = [MetricValue("train_loss", loss, "nats/token", n=tokens, protocol=PROTOCOL, params={"step": i + 1, **detail})
            for i, loss in enumerate(training.get("losses", []))]
     out += [MetricValue("train_steps", float(training["steps"]), "steps", protocol=PROTOCOL, params=detail),

@@ -101,18 +101,18 @@ def cache_bytes(cache) -> int:
 
 @torch.inference_mode()
 def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool = False, warmup: int = 3,
-                 inductor: dict | None = None, around_replays=None) -> DecodeTiming:
+                 inductor: dict | None = None, around_replays=None, after_replays=None) -> DecodeTiming:
     """Static KV cache + the whole decode step captured as one CUDA graph, replayed `new_tokens`
     times; each replay timed with CUDA events. `compile`: torch.compile the step before capture
     (fuses the small elementwise kernels; no cudagraph mode of its own: we capture), with
     `inductor` config overrides (e.g. {"freezing": True}: weights as constants, so linears that
     share an input are concatenated). `around_replays`: a context manager (e.g. an EnergyMeter)
-    entered around the timed replays only."""
+    entered around the timed replays only. `after_replays(graph)`: called after them (e.g. to profile)."""
     import contextlib
     if input_ids.device.type != "cuda":
         raise RuntimeError("graph-captured decode needs a CUDA device")
     batch, context = input_ids.shape
-    cache = _static_cache(model, context + new_tokens + warmup + 2)
+    cache = _static_cache(model, context + new_tokens + warmup + 16)  # slack: after_replays may replay a few more
     t0 = torch.cuda.Event(enable_timing=True)
     t1 = torch.cuda.Event(enable_timing=True)
     t0.record()
@@ -161,6 +161,8 @@ def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool 
             events[i + 1].record()
         events[-1].synchronize()
     tpot = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(new_tokens)]
+    if after_replays is not None:
+        after_replays(graph)
     kv = cache_bytes(cache)
     del graph
     return DecodeTiming(ttft_s=ttft, tpot_s=tpot, batch=batch, context=context, new_tokens=new_tokens,

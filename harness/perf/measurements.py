@@ -89,8 +89,14 @@ class SpeedParams(MeasurementParams):
     new_tokens: int = Field(32, ge=2, description="decoded tokens per repeat")
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)
-    modes: list[Literal["framework", "graph"]] = Field(default_factory=lambda: ["framework", "graph"])
+    modes: list[Literal["framework", "graph", "lean"]] = Field(
+        default_factory=lambda: ["framework", "graph"],
+        description="framework: plain generate; graph: the model's step with a static cache as one CUDA graph; lean: "
+                    "harness.perf.lean_decode (Llama-family, fused float projections, the backend's modules otherwise), "
+                    "torch.compile'd and captured (CUDA only)")
     graph_compile: bool = Field(False, description="torch.compile the decode step before capturing it")
+    lean_inductor: dict = Field(default_factory=lambda: {"coordinate_descent_tuning": True},
+                                description="inductor config for the lean mode's compile")
     quick_probes: bool = False
 
 
@@ -162,7 +168,7 @@ class Speed(Measurement):
             ctx.progress(done, total, "prefill speed")
 
         for mode in params.modes:
-            if mode == "graph" and not device.startswith("cuda"):
+            if mode in ("graph", "lean") and not device.startswith("cuda"):
                 done += len(params.batch_sizes) * len(params.contexts)
                 continue  # CUDA graphs need a CUDA device: nothing to time here (the docs say so)
             for batch in params.batch_sizes:
@@ -173,10 +179,10 @@ class Speed(Measurement):
                         if mode == "framework":
                             raise
                         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                        print(f"graph decode failed (b={batch}, c={context}): {reason}", file=sys.stderr)
-                        out.append(MetricValue(f"decode_tokens_s@graph-b{batch}-c{context}", None, "tokens/s",
-                                               protocol="decode mode graph: capture or replay failed",
-                                               params={"mode": "graph", "batch": batch, "context": context, "error": reason}))
+                        print(f"{mode} decode failed (b={batch}, c={context}): {reason}", file=sys.stderr)
+                        out.append(MetricValue(f"decode_tokens_s@{mode}-b{batch}-c{context}", None, "tokens/s",
+                                               protocol=f"decode mode {mode}: capture or replay failed",
+                                               params={"mode": mode, "batch": batch, "context": context, "error": reason}))
                         if device.startswith("cuda"):
                             import torch
 
@@ -204,6 +210,15 @@ class Speed(Measurement):
             kv = None
             protocol = (f"decode mode framework: plain generate (greedy, {n} new tokens, random prompt of {context}), "
                         f"per-token timestamps from a logits processor, warm-up {params.warmup}, {params.repeats} repeats")
+        elif mode == "lean":
+            timing, check = _lean_timing(model, ids, n * params.repeats, params.lean_inductor, meter)
+            runs = [dec.DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch)
+                    for i in range(params.repeats)]
+            kv = timing.kv_cache_bytes
+            protocol = (f"decode mode lean: {timing.note}; logits checked against the model first (max rel diff "
+                        f"{check['max_rel_logit_diff']:.2g}, argmax agreement {check['argmax_agreement']:.0%} over "
+                        f"{check['steps']} steps); {n * params.repeats} replays after a 3-step warm-up, CUDA events per "
+                        f"replay, repeats = {params.repeats} blocks of {n}")
         else:
             timing = dec.graph_decode(model, ids, n * params.repeats, compile=params.graph_compile, around_replays=meter)
             runs = [dec.DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch)
@@ -245,7 +260,7 @@ class Speed(Measurement):
                                       params={"mode": mode, "batch": batch, "max_cache_len": context + n * params.repeats + 5}))
         first = (params.batch_sizes[0], params.contexts[0])
         if (batch, context) == first:  # the headline numbers for the cell table
-            suffix = "" if mode == "framework" else "_graph"
+            suffix = "" if mode == "framework" else f"_{mode}"
             layers = layer_table(dims, batch, mid_context, params.prompt_lengths[0] if params.prompt_lengths else context,
                                  peak, bandwidth, kw)
             values.append(MetricValue(f"decode_tokens_s{suffix}", statistics.median(rates), "tokens/s", n=len(rates),
@@ -254,6 +269,20 @@ class Speed(Measurement):
                                       n=len(tpot), protocol="bytes that had to move per decode step / median step time / "
                                       "measured copy bandwidth", params={"tag": tag}))
         return values
+
+
+def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter):
+    """The lean decoder over this model, its logits checked against the model's before timing
+    (a decoder that computes something else has no speed worth reporting)."""
+    from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
+
+    batch, context = ids.shape
+    lean = LeanDecoder(model, batch, context + new_tokens + 3 + 16)
+    check = check_against(model, lean, ids[:, :min(context, 16)], steps=4)
+    if check["argmax_agreement"] < 0.75 or check["max_rel_logit_diff"] > 0.05:
+        raise RuntimeError(f"lean decoder disagrees with the model ({check}): not timed")
+    timing, _ = lean_graph_decode(model, ids, new_tokens, compile=True, inductor=inductor, around_replays=meter, lean=lean)
+    return timing, check
 
 
 def layer_table(dims, batch: int, context: int, prompt: int, peak: float, bandwidth: float, kw: dict) -> list[dict]:

@@ -70,13 +70,14 @@ def _fill_random(model, seed: int, std: float = 0.02) -> None:
     biases = 0; then re-tie tied weights. Never zeros: they can run faster than real data."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.get_default_device()  # cuda under `with torch.device("cuda")`: filled there, ~10x faster
+    gen = torch.Generator(device=device).manual_seed(seed)
     bound = std * 3**0.5
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
-            data = torch.empty(param.shape, dtype=param.dtype)
+            data = torch.empty(param.shape, dtype=param.dtype, device=device)
             if param.ndim >= 2:
                 data.uniform_(-bound, bound, generator=gen)
             else:

