@@ -67,12 +67,13 @@ case "$what" in
     python3 "$repo/benchmarks/decode_floor.py" "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" | tee "$OUT/decode_floor.log" ;;
   backends)
     args=(); for b in "$@"; do args+=(-b "$b"); done
-    resume=(); [ -f /tmp/run-perf/run.json ] && resume=(--resume)
-    timeout "${SUITE_TIMEOUT:-540}" python3 -m harness.cli run --suite "$repo/benchmarks/${SUITE_FILE:-perf-h100.yaml}" --device cuda \
-      --out /tmp/run-perf "${resume[@]}" "${args[@]}" 2>&1 | grep -vE "░|█" | tee -a "$OUT/log.txt" | tail -40 || echo "harness exit $?"
-    cp /tmp/run-perf/records.jsonl /tmp/run-perf/run.json "$OUT"/ 2>/dev/null || true
-    cp /tmp/run-perf/report.html "$OUT"/ 2>/dev/null || true
-    summary /tmp/run-perf/records.jsonl ;;
+    suite=${SUITE_FILE:-perf-h200.yaml}; run=/tmp/run-${suite%.yaml}  # one run folder per suite file
+    resume=(); [ -f "$run/run.json" ] && resume=(--resume)
+    timeout "${SUITE_TIMEOUT:-540}" python3 -m harness.cli run --suite "$repo/benchmarks/$suite" --device cuda \
+      --out "$run" "${resume[@]}" "${args[@]}" 2>&1 | grep -vE "░|█" | tee -a "$OUT/log.txt" | tail -40 || echo "harness exit $?"
+    [ -f "$run/report.html" ] || python3 -m harness.cli report "$run" >/dev/null 2>&1 || true
+    cp "$run"/records.jsonl "$run"/run.json "$run"/report.html "$OUT"/ 2>/dev/null || true
+    summary "$run"/records.jsonl ;;
   levers)
     timeout "${SUITE_TIMEOUT:-400}" python3 -m harness.cli run --suite "$repo/benchmarks/levers-gpu.yaml" --device cuda \
       --out /tmp/run-levers 2>&1 | grep -vE "░|█" | tee "$OUT/levers-log.txt" | tail -40 || echo "harness exit $?"
