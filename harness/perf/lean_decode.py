@@ -224,7 +224,7 @@ def lean_graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: 
         import torch._inductor.config as inductor_config
 
         dynamo.reset()
-        fn = torch.compile(step, dynamic=False, fullgraph=True)
+        fn = torch.compile(step, dynamic=False, fullgraph=lean.fused)  # a backend's own modules may break the graph
         patch = inductor_config.patch(inductor or {})
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
