@@ -108,7 +108,6 @@ def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool 
     `inductor` config overrides (e.g. {"freezing": True}: weights as constants, so linears that
     share an input are concatenated). `around_replays`: a context manager (e.g. an EnergyMeter)
     entered around the timed replays only. `after_replays(graph)`: called after them (e.g. to profile)."""
-    import contextlib
     if input_ids.device.type != "cuda":
         raise RuntimeError("graph-captured decode needs a CUDA device")
     batch, context = input_ids.shape
@@ -132,14 +131,35 @@ def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool 
         ids.copy_(logits[:, -1:].argmax(-1))
         pos.add_(1)
 
-    fn = step
-    patch = contextlib.nullcontext()
+    def reset():  # capture advanced the state; decode restarts right after the prompt
+        pos.fill_(context)
+        ids.copy_(token)
+
+    tpot = capture_and_time(step, reset, new_tokens, compile=compile, warmup=warmup, inductor=inductor,
+                            around_replays=around_replays, after_replays=after_replays)
+    kv = cache_bytes(cache)
+    return DecodeTiming(ttft_s=ttft, tpot_s=tpot, batch=batch, context=context, new_tokens=new_tokens,
+                        mode="graph", note=(f"torch.compile {inductor or {}} + one CUDA graph per step" if compile
+                                            else "one CUDA graph per step (eager kernels)"),
+                        kv_cache_bytes=kv)
+
+
+def capture_and_time(step, reset, new_tokens: int, compile: bool = False, fullgraph: bool = False, warmup: int = 3,
+                     inductor: dict | None = None, around_replays=None, after_replays=None) -> list[float]:
+    """Warm `step` up on a side stream (torch.compile'd first if asked, with `inductor` config
+    overrides), capture one call as a CUDA graph, `reset()` the state the capture advanced, then
+    replay it `new_tokens` times, each replay bracketed by CUDA events. `around_replays`: a context
+    manager around the timed replays only; `after_replays(graph)`: called after them (e.g. to
+    profile). Returns the seconds of each replay."""
+    import contextlib
+
+    fn, patch = step, contextlib.nullcontext()
     if compile:
         import torch._dynamo as dynamo
         import torch._inductor.config as inductor_config
 
         dynamo.reset()
-        fn = torch.compile(step, dynamic=False)
+        fn = torch.compile(step, dynamic=False, fullgraph=fullgraph)
         patch = inductor_config.patch(inductor or {})
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -150,8 +170,7 @@ def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    pos.fill_(context)  # capture advanced it; decode restarts right after the prompt
-    ids.copy_(token)
+    reset()
     events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)]
     torch.cuda.synchronize()
     with around_replays or contextlib.nullcontext():
@@ -163,12 +182,8 @@ def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool 
     tpot = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(new_tokens)]
     if after_replays is not None:
         after_replays(graph)
-    kv = cache_bytes(cache)
     del graph
-    return DecodeTiming(ttft_s=ttft, tpot_s=tpot, batch=batch, context=context, new_tokens=new_tokens,
-                        mode="graph", note=(f"torch.compile {inductor or {}} + one CUDA graph per step" if compile
-                                            else "one CUDA graph per step (eager kernels)"),
-                        kv_cache_bytes=kv)
+    return tpot
 
 
 @torch.inference_mode()

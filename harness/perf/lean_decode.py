@@ -16,7 +16,6 @@ the same tokens before any number is reported."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -200,7 +199,7 @@ def lean_graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: 
     """Like harness.perf.decode.graph_decode, through the lean decoder: prefill, then one captured
     CUDA graph per decode step (argmax and position update inside), each replay timed with events.
     `after_replays(graph)`: called once the timed replays are done (e.g. to profile a few more)."""
-    from harness.perf.decode import DecodeTiming
+    from harness.perf.decode import DecodeTiming, capture_and_time
 
     if input_ids.device.type != "cuda":
         raise RuntimeError("graph-captured decode needs a CUDA device")
@@ -218,40 +217,16 @@ def lean_graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: 
         ids.copy_(lean(ids, pos).argmax(-1, keepdim=True))
         pos.add_(1)
 
-    fn, patch = step, contextlib.nullcontext()
-    if compile:
-        import torch._dynamo as dynamo
-        import torch._inductor.config as inductor_config
+    def reset():
+        pos.fill_(context)
+        ids.copy_(token)
 
-        dynamo.reset()
-        fn = torch.compile(step, dynamic=False, fullgraph=lean.fused)  # a backend's own modules may break the graph
-        patch = inductor_config.patch(inductor or {})
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with patch, torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    pos.fill_(context)
-    ids.copy_(token)
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)]
-    torch.cuda.synchronize()
-    with around_replays or contextlib.nullcontext():
-        events[0].record()
-        for i in range(new_tokens):
-            graph.replay()
-            events[i + 1].record()
-        events[-1].synchronize()
-    tpot = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(new_tokens)]
-    if after_replays is not None:
-        after_replays(graph)
-    note = ("lean decoder (fused qkv/gate-up" if lean.fused else "lean decoder (separate projections") + (
+    # a backend's own modules may break the graph: fullgraph only for the all-float fused step
+    tpot = capture_and_time(step, reset, new_tokens, compile=compile, fullgraph=lean.fused, warmup=warmup,
+                            inductor=inductor, around_replays=around_replays, after_replays=after_replays)
+    note = ("lean decoder (fused qkv/gate-up" if lean.fused else "lean decoder (projections called one module each") + (
         f", {lean.attention} attention)") + (
         f" + torch.compile {inductor or {}}" if compile else ", eager kernels") + " + one CUDA graph per step"
     timing = DecodeTiming(ttft_s=t0.elapsed_time(t1) / 1e3, tpot_s=tpot, batch=batch, context=context,
                           new_tokens=new_tokens, mode="graph-lean", note=note, kv_cache_bytes=lean.cache_bytes())
-    del graph
     return timing, lean
