@@ -264,19 +264,35 @@ def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: s
     return fig
 
 
+def _instance(protocol: Any, params: Any) -> str:
+    """Which measurement of a suite a quality record came from, when a suite measures the same
+    metric twice (perplexity on boolq-wiki and on lambada, or under two protocols)."""
+    p = params if isinstance(params, dict) else {}
+    corpus = p.get("dataset") or p.get("corpus") or ""
+    return f"{'' if _missing(protocol) else protocol}|{corpus}"
+
+
 def frontier_figures(df: pd.DataFrame) -> list[go.Figure]:
-    """Every (model, quality metric, x axis) frontier that has data: one figure per model keeps
-    each model's scale readable instead of squashing several into one axis."""
+    """Every (model, quality metric, measurement instance, x axis) frontier that has data: one
+    figure per model keeps each model's scale readable; one per instance keeps a suite that
+    measures perplexity on two corpora (or under two protocols) from mixing them in one plot."""
     if df.empty:
         return []
     models = sorted(df["model"].dropna().unique())
+    instance = pd.Series([_instance(pr, pa) for pr, pa in zip(df["protocol"], df["params"])], index=df.index)
     figs = []
     for spec in _quality_specs(df):
-        for model in models:
-            for x_axis in X_AXES:
-                fig = frontier_figure(df, spec, x_axis, model, show_model=len(models) > 1)
-                if fig is not None:
-                    figs.append(fig)
+        of_spec = df["metric"] == spec.metric
+        if spec.measurement is not None:
+            of_spec &= df["measurement"] == spec.measurement
+        keys = sorted(instance[of_spec & (df["status"] == "ok") & df["value"].notna()].unique())
+        for key in keys if len(keys) > 1 else [None]:
+            sub = df if key is None else df[~of_spec | (instance == key)]
+            for model in models:
+                for x_axis in X_AXES:
+                    fig = frontier_figure(sub, spec, x_axis, model, show_model=len(models) > 1)
+                    if fig is not None:
+                        figs.append(fig)
     return figs
 
 

@@ -40,14 +40,19 @@ def _per_cell(ok: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
     return ok.iloc[0:0]
 
 
-def _y_metrics(ok: pd.DataFrame) -> list[tuple[str, str]]:
+def _y_metrics(ok: pd.DataFrame) -> list[tuple[str, str, str | None]]:
+    """(measurement, metric, instance): the instance (protocol|corpus) only where a suite measured
+    the metric more than once, so two corpora never share one curve."""
+    from harness.reports.html import _instance
+
     out = []
     for (meas, metric), g in ok.groupby(["measurement", "metric"], sort=True):
         if (meas in NOT_QUALITY or metric in RESTATEMENTS or "@" in metric or re.search(r"_p\d", metric)
                 or any(fnmatch(metric, p) for p in NOT_QUALITY_METRICS)
                 or direction(meas, metric) == 0 or g["cell_id"].nunique() < 2):
             continue
-        out.append((meas, metric))
+        keys = sorted({_instance(pr, pa) for pr, pa in zip(g["protocol"], g["params"])})
+        out += [(meas, metric, key) for key in (keys if len(keys) > 1 else [None])]
     return out
 
 
@@ -65,9 +70,17 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
         return None
     fig = go.Figure()
     buttons, masks = [], []
-    for (xc, xrows), (meas, metric) in combos:
+    from harness.reports.html import _instance
+
+    for (xc, xrows), (meas, metric, key) in combos:
         _, xlabel, xtitle, scale, x_lower = xc
-        yrows = ok[(ok["measurement"] == meas) & (ok["metric"] == metric)].drop_duplicates(subset="cell_id", keep="last")
+        yrows = ok[(ok["measurement"] == meas) & (ok["metric"] == metric)]
+        if key is not None:
+            yrows = yrows[[_instance(pr, pa) == key for pr, pa in zip(yrows["protocol"], yrows["params"])]]
+            metric_label = f"{metric} [{key.replace('|', ', ').strip(', ')}]"
+        else:
+            metric_label = metric
+        yrows = yrows.drop_duplicates(subset="cell_id", keep="last")
         pts = yrows.merge(xrows[["cell_id", "value"]].rename(columns={"value": "x"}), on="cell_id")
         if pts.empty:
             continue
@@ -95,7 +108,7 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
         masks.append((start, n))
         unit = next((str(u) for u in pts["unit"] if isinstance(u, str) and u), "")
         ytitle = f"{meas}/{metric}" + (f" ({unit})" if unit else "") + (", lower is better" if y_lower else ", higher is better")
-        buttons.append({"label": f"{metric} vs {xlabel}", "ytitle": html.escape(ytitle), "xtitle": xtitle})
+        buttons.append({"label": f"{metric_label} vs {xlabel}", "ytitle": html.escape(ytitle), "xtitle": xtitle})
     if len(buttons) < 2:
         return None
     total = len(fig.data)

@@ -169,3 +169,18 @@ def test_several_models_one_figure_each(tmp_path):
     page = _strip_bundle(write_report(rd.path).read_text(encoding="utf-8"))
     assert page.count("Plotly.newPlot(") == 4
     assert "other-model: Perplexity" in page
+
+
+def test_one_frontier_per_corpus_when_a_suite_measures_perplexity_twice(tmp_path):
+    rd = RunDir(tmp_path / "two-corpora")
+    rd.create(_run_info())
+    for variant, backend, bits, ppl, ref in [("fp32", "torch", 32.0, 10.0, True), ("int4", "rtn", 4.25, 11.0, False)]:
+        cell = _cell(variant, backend, bits, ppl, ref=ref)
+        lambada = cell[0].model_copy(update={"value": ppl * 3, "params": {"dataset": "lambada"}})
+        rd.append(cell + [lambada])
+    page = _strip_bundle(write_report(rd.path).read_text(encoding="utf-8"))
+    assert page.count("Plotly.newPlot(") == 5  # (boolq-wiki, lambada) x (bits, bytes) + the explorer
+    assert page.count("gptq protocol, 4096 tokens, boolq-wiki)") == 2
+    assert page.count("gptq protocol, 4096 tokens, lambada)") == 2
+    assert "boolq-wiki / lambada" not in page  # never one plot of both
+    assert "ppl [gptq, lambada] vs" in page and "ppl [gptq, boolq-wiki] vs" in page  # the explorer's choices
