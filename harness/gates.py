@@ -25,6 +25,7 @@ class GateSpec(BaseModel):
 
     metric: str
     measurement: str | None = None
+    corpus: str | None = Field(None, description="only records measured on this corpus (a suite may measure a metric on two)")
     cells: list[str] = Field(default_factory=lambda: ["*"])
     max: float | None = None
     min: float | None = None
@@ -64,7 +65,15 @@ class GateResult:
 
 
 def _matches(r: Record, gate: GateSpec) -> bool:
+    if gate.corpus is not None and (r.params or {}).get("corpus", (r.params or {}).get("dataset")) != gate.corpus:
+        return False
     return r.metric == gate.metric and (gate.measurement is None or r.measurement == gate.measurement)
+
+
+def _instance(r: Record) -> str:
+    from harness.records import measurement_instance
+
+    return measurement_instance(r.protocol, r.params)
 
 
 def _ratio(v: Record, ref: Record) -> tuple[float, float | None]:
@@ -114,8 +123,11 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
         if not rows:
             results.append(GateResult(gate.describe(), "-", None, False, f"no successful records of metric '{gate.metric}'"))
             continue
-        refs = {r.model: r for r in rows if r.is_reference}
-        bases = {r.cell_id: r for r in baseline or [] if _matches(r, gate) and r.status == "ok" and r.cell_id in base_ok}
+        # a cell is compared with the reference / baseline value of its own measurement instance
+        refs = {(r.model, _instance(r)): r for r in rows if r.is_reference}
+        bases = {(r.cell_id, _instance(r)): r for r in baseline or []
+                 if _matches(r, gate) and r.status == "ok" and r.cell_id in base_ok}
+        several = len({_instance(r) for r in rows}) > 1
         for r in rows:
             name = f"{r.backend}:{r.variant}"
             if r.is_reference or not any(fnmatch(name, p) for p in gate.cells):
@@ -127,7 +139,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
             _check("", r.value, sigma, gate.max, True, z, failures, notes)
             _check("", r.value, sigma, gate.min, False, z, failures, notes)
             if gate.max_ratio is not None or gate.min_ratio is not None:
-                ref = refs.get(r.model)
+                ref = refs.get((r.model, _instance(r)))
                 if ref is None or not ref.value:
                     failures.append("no reference value for a ratio gate")
                 else:
@@ -137,7 +149,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
                     _check("ratio ", ratio, sigma, gate.min_ratio, False, z, failures, notes)
             skipped = False
             if baseline is not None and (gate.max_baseline_ratio is not None or gate.min_baseline_ratio is not None):
-                base = bases.get(r.cell_id)
+                base = bases.get((r.cell_id, _instance(r)))
                 if base is None or not base.value:
                     parts.append("not in the baseline run: baseline bound not checked")
                     skipped = gate.baseline_only
@@ -147,6 +159,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
                     _check("baseline ratio ", ratio, sigma, gate.max_baseline_ratio, True, z, failures, notes)
                     _check("baseline ratio ", ratio, sigma, gate.min_baseline_ratio, False, z, failures, notes)
             detail = "; ".join(failures) if failures else (", ".join(parts + notes) or f"{r.value:.4g}")
-            results.append(GateResult(gate.describe(), f"{r.model} {name}", r.value, not failures, detail,
+            where = f" [{_instance(r).replace('|', ', ').strip(', ')}]" if several else ""
+            results.append(GateResult(gate.describe(), f"{r.model} {name}{where}", r.value, not failures, detail,
                                       skipped=skipped and not failures))
     return results

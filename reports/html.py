@@ -265,11 +265,9 @@ def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: s
 
 
 def _instance(protocol: Any, params: Any) -> str:
-    """Which measurement of a suite a quality record came from, when a suite measures the same
-    metric twice (perplexity on boolq-wiki and on lambada, or under two protocols)."""
-    p = params if isinstance(params, dict) else {}
-    corpus = p.get("dataset") or p.get("corpus") or ""
-    return f"{'' if _missing(protocol) else protocol}|{corpus}"
+    from harness.records import measurement_instance
+
+    return measurement_instance(protocol, params)
 
 
 def frontier_figures(df: pd.DataFrame) -> list[go.Figure]:

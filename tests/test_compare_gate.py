@@ -326,3 +326,24 @@ def test_values_without_uncertainty_are_judged_only_when_exact(tmp_path, tokens)
     verdict = {(d.measurement, d.metric): d.verdict for d in cmp.deltas if d.cell == "rtn:int4"}
     assert verdict[("speed", "bandwidth_utilisation")] == "unjudged"  # derived from timings, no error bar: not judged
     assert verdict[("footprint", "bits_per_weight")] == "regression"  # counted from storage: any change is real
+
+
+def test_ratio_gates_compare_each_corpus_with_its_own_reference():
+    """A suite measuring perplexity on two corpora: a cell's ratio is against the reference on the
+    same corpus (lambada's reference must not divide boolq-wiki's value), and `corpus` selects one."""
+    from harness.records import Record
+
+    def rec(variant, ref, corpus, value):
+        return Record(cell_id=variant, suite="s", model="m", backend="rtn", variant=variant, device="cpu",
+                      is_reference=ref, run_id="r", measurement="perplexity", metric="ppl", value=value, unit="",
+                      protocol="gptq", params={"corpus": corpus})
+
+    cells = [Record(cell_id=c, suite="s", model="m", backend="rtn", variant=c, device="cpu", run_id="r",
+                    measurement="cell", metric="duration_s", value=1.0, unit="s") for c in ("fp", "q")]
+    records = cells + [rec("fp", True, "boolq-wiki", 20.0), rec("fp", True, "lambada", 40.0),
+                       rec("q", False, "boolq-wiki", 22.0), rec("q", False, "lambada", 42.0)]
+    results = evaluate([GateSpec(metric="ppl", max_ratio=1.08)], records)
+    assert {r.cell: r.passed for r in results} == {"m rtn:q [gptq, boolq-wiki]": False, "m rtn:q [gptq, lambada]": True}
+    assert "ratio 1.1 > 1.08" in results[0].detail and "ratio 1.0500" in results[1].detail
+    (only,) = evaluate([GateSpec(metric="ppl", corpus="lambada", max_ratio=1.08)], records)
+    assert only.passed and only.cell == "m rtn:q"
