@@ -17,7 +17,7 @@ from fnmatch import fnmatch
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from harness.records import Record
+from harness.records import Record, instance_label, measurement_instance, record_corpus
 
 
 class GateSpec(BaseModel):
@@ -65,14 +65,12 @@ class GateResult:
 
 
 def _matches(r: Record, gate: GateSpec) -> bool:
-    if gate.corpus is not None and (r.params or {}).get("corpus", (r.params or {}).get("dataset")) != gate.corpus:
+    if gate.corpus is not None and record_corpus(r.params) != gate.corpus:
         return False
     return r.metric == gate.metric and (gate.measurement is None or r.measurement == gate.measurement)
 
 
 def _instance(r: Record) -> str:
-    from harness.records import measurement_instance
-
     return measurement_instance(r.protocol, r.params)
 
 
@@ -132,6 +130,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
             name = f"{r.backend}:{r.variant}"
             if r.is_reference or not any(fnmatch(name, p) for p in gate.cells):
                 continue
+            instance = _instance(r)
             failures: list[str] = []
             notes: list[str] = []
             parts: list[str] = []
@@ -139,7 +138,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
             _check("", r.value, sigma, gate.max, True, z, failures, notes)
             _check("", r.value, sigma, gate.min, False, z, failures, notes)
             if gate.max_ratio is not None or gate.min_ratio is not None:
-                ref = refs.get((r.model, _instance(r)))
+                ref = refs.get((r.model, instance))
                 if ref is None or not ref.value:
                     failures.append("no reference value for a ratio gate")
                 else:
@@ -149,7 +148,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
                     _check("ratio ", ratio, sigma, gate.min_ratio, False, z, failures, notes)
             skipped = False
             if baseline is not None and (gate.max_baseline_ratio is not None or gate.min_baseline_ratio is not None):
-                base = bases.get((r.cell_id, _instance(r)))
+                base = bases.get((r.cell_id, instance))
                 if base is None or not base.value:
                     parts.append("not in the baseline run: baseline bound not checked")
                     skipped = gate.baseline_only
@@ -159,7 +158,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
                     _check("baseline ratio ", ratio, sigma, gate.max_baseline_ratio, True, z, failures, notes)
                     _check("baseline ratio ", ratio, sigma, gate.min_baseline_ratio, False, z, failures, notes)
             detail = "; ".join(failures) if failures else (", ".join(parts + notes) or f"{r.value:.4g}")
-            where = f" [{_instance(r).replace('|', ', ').strip(', ')}]" if several else ""
+            where = f" [{instance_label(instance)}]" if several else ""
             results.append(GateResult(gate.describe(), f"{r.model} {name}{where}", r.value, not failures, detail,
                                       skipped=skipped and not failures))
     return results

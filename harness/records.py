@@ -50,11 +50,20 @@ class Record(CellIdentity):
 RECORD_COLUMNS = list(Record.model_fields)
 
 
+def record_corpus(params: Any) -> str:
+    """The corpus a record was measured on ('' when none), from its params."""
+    p = params if isinstance(params, dict) else {}
+    return str(p.get("dataset") or p.get("corpus") or "")
+
+
 def measurement_instance(protocol: Any, params: Any) -> str:
     """Which of a suite's measurements a record came from when the suite measures one metric
     twice (perplexity on boolq-wiki and on lambada, or under two protocols): 'protocol|corpus'.
     Reports draw one frontier per instance and gates compare a cell only with its own instance."""
-    p = params if isinstance(params, dict) else {}
-    corpus = p.get("dataset") or p.get("corpus") or ""
-    missing = protocol is None or (isinstance(protocol, float) and protocol != protocol)
-    return f"{'' if missing else protocol}|{corpus}"
+    missing = protocol is None or (isinstance(protocol, float) and protocol != protocol)  # None or pandas NaN
+    return f"{'' if missing else protocol}|{record_corpus(params)}"
+
+
+def instance_label(instance: str) -> str:
+    """'gptq|lambada' -> 'gptq, lambada' (either part may be empty)."""
+    return ", ".join(part for part in instance.split("|") if part)

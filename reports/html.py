@@ -23,6 +23,7 @@ import plotly.offline
 from jinja2 import Environment
 from markupsafe import Markup
 
+from harness.records import measurement_instance, record_corpus
 from harness.reports.sections import build_sections
 from harness.store import RunDir, load_records
 
@@ -175,13 +176,7 @@ def _protocol_text(rows: pd.DataFrame, spec: QualitySpec) -> str:
         parts.append(f"{ns[0]} {spec.n_unit}")
     elif ns:
         parts.append(f"{ns[0]}–{ns[-1]} {spec.n_unit}")
-    data = set()
-    for p in rows["params"]:
-        if isinstance(p, dict):
-            for k in ("dataset", "corpus"):
-                if p.get(k):
-                    data.add(str(p[k]))
-                    break
+    data = {record_corpus(p) for p in rows["params"]} - {""}
     if data:
         parts.append(" / ".join(sorted(data)))
     return f" ({', '.join(parts)})" if parts else ""
@@ -264,12 +259,6 @@ def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: s
     return fig
 
 
-def _instance(protocol: Any, params: Any) -> str:
-    from harness.records import measurement_instance
-
-    return measurement_instance(protocol, params)
-
-
 def frontier_figures(df: pd.DataFrame) -> list[go.Figure]:
     """Every (model, quality metric, measurement instance, x axis) frontier that has data: one
     figure per model keeps each model's scale readable; one per instance keeps a suite that
@@ -277,7 +266,7 @@ def frontier_figures(df: pd.DataFrame) -> list[go.Figure]:
     if df.empty:
         return []
     models = sorted(df["model"].dropna().unique())
-    instance = pd.Series([_instance(pr, pa) for pr, pa in zip(df["protocol"], df["params"])], index=df.index)
+    instance = pd.Series([measurement_instance(pr, pa) for pr, pa in zip(df["protocol"], df["params"])], index=df.index)
     figs = []
     for spec in _quality_specs(df):
         of_spec = df["metric"] == spec.metric

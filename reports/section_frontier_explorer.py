@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from harness.compare import direction
+from harness.records import instance_label, measurement_instance
 from harness.reports.html import pareto_front
 from harness.reports.sections import Section
 
@@ -43,15 +44,13 @@ def _per_cell(ok: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
 def _y_metrics(ok: pd.DataFrame) -> list[tuple[str, str, str | None]]:
     """(measurement, metric, instance): the instance (protocol|corpus) only where a suite measured
     the metric more than once, so two corpora never share one curve."""
-    from harness.reports.html import _instance
-
     out = []
     for (meas, metric), g in ok.groupby(["measurement", "metric"], sort=True):
         if (meas in NOT_QUALITY or metric in RESTATEMENTS or "@" in metric or re.search(r"_p\d", metric)
                 or any(fnmatch(metric, p) for p in NOT_QUALITY_METRICS)
                 or direction(meas, metric) == 0 or g["cell_id"].nunique() < 2):
             continue
-        keys = sorted({_instance(pr, pa) for pr, pa in zip(g["protocol"], g["params"])})
+        keys = sorted(g["instance"].unique())
         out += [(meas, metric, key) for key in (keys if len(keys) > 1 else [None])]
     return out
 
@@ -62,6 +61,7 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
     ok = ok[~ok["cell_id"].isin(failed)]
     if ok.empty:
         return None
+    ok = ok.assign(instance=[measurement_instance(pr, pa) for pr, pa in zip(ok["protocol"], ok["params"])])
     xs = [(c, _per_cell(ok, c[0])) for c in X_CHOICES]
     xs = [(c, rows) for c, rows in xs if len(rows) >= 2]
     ys = _y_metrics(ok)
@@ -70,16 +70,12 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
         return None
     fig = go.Figure()
     buttons, masks = [], []
-    from harness.reports.html import _instance
-
     for (xc, xrows), (meas, metric, key) in combos:
         _, xlabel, xtitle, scale, x_lower = xc
         yrows = ok[(ok["measurement"] == meas) & (ok["metric"] == metric)]
         if key is not None:
-            yrows = yrows[[_instance(pr, pa) == key for pr, pa in zip(yrows["protocol"], yrows["params"])]]
-            metric_label = f"{metric} [{key.replace('|', ', ').strip(', ')}]"
-        else:
-            metric_label = metric
+            yrows = yrows[yrows["instance"] == key]
+        metric_label = metric if key is None else f"{metric} [{instance_label(key)}]"
         yrows = yrows.drop_duplicates(subset="cell_id", keep="last")
         pts = yrows.merge(xrows[["cell_id", "value"]].rename(columns={"value": "x"}), on="cell_id")
         if pts.empty:

@@ -89,6 +89,12 @@ def _static_cache(model, max_len: int):
     return StaticCache(config=model.config, max_cache_len=max_len)
 
 
+def static_cache_len(context: int, new_tokens: int, warmup: int = 3) -> int:
+    """Positions a graph-decoded run writes: the prompt, the warm-up and captured steps, the timed
+    replays, and slack for an `after_replays` hook that replays a few more (e.g. to profile)."""
+    return context + new_tokens + warmup + 16
+
+
 def cache_bytes(cache) -> int:
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -111,7 +117,7 @@ def graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: bool 
     if input_ids.device.type != "cuda":
         raise RuntimeError("graph-captured decode needs a CUDA device")
     batch, context = input_ids.shape
-    cache = _static_cache(model, context + new_tokens + warmup + 16)  # slack: after_replays may replay a few more
+    cache = _static_cache(model, static_cache_len(context, new_tokens, warmup))
     t0 = torch.cuda.Event(enable_timing=True)
     t1 = torch.cuda.Event(enable_timing=True)
     t0.record()

@@ -80,8 +80,7 @@ class LeanDecoder:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head
-        ref = self.embed
-        self.dtype, self.device = ref.dtype, ref.device
+        self.dtype, self.device = self.embed.dtype, self.embed.device
         positions = torch.arange(max_seq, device=self.device)[None]
         with torch.no_grad():  # the model's own rotary module: rope scaling variants come for free
             cos, sin = inner.rotary_emb(torch.empty(1, device=self.device, dtype=self.dtype), positions)
@@ -199,12 +198,12 @@ def lean_graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: 
     """Like harness.perf.decode.graph_decode, through the lean decoder: prefill, then one captured
     CUDA graph per decode step (argmax and position update inside), each replay timed with events.
     `after_replays(graph)`: called once the timed replays are done (e.g. to profile a few more)."""
-    from harness.perf.decode import DecodeTiming, capture_and_time
+    from harness.perf.decode import DecodeTiming, capture_and_time, static_cache_len
 
     if input_ids.device.type != "cuda":
         raise RuntimeError("graph-captured decode needs a CUDA device")
     batch, context = input_ids.shape
-    lean = lean or LeanDecoder(model, batch, context + new_tokens + warmup + 16, fuse=fuse)
+    lean = lean or LeanDecoder(model, batch, static_cache_len(context, new_tokens, warmup), fuse=fuse)
     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0.record()
     token = lean(input_ids, torch.arange(context, device=input_ids.device)).argmax(-1, keepdim=True)

@@ -257,7 +257,8 @@ class Speed(Measurement):
                                       "tokens": produced, "mode": mode, "batch": batch, "context": context}))
         if kv is not None:
             values.append(MetricValue(f"kv_cache_bytes@{tag}", float(kv), "bytes", protocol="static cache tensors allocated",
-                                      params={"mode": mode, "batch": batch, "max_cache_len": context + n * params.repeats + 5}))
+                                      params={"mode": mode, "batch": batch,
+                                              "max_cache_len": dec.static_cache_len(context, n * params.repeats)}))
         first = (params.batch_sizes[0], params.contexts[0])
         if (batch, context) == first:  # the headline numbers for the cell table
             suffix = "" if mode == "framework" else f"_{mode}"
@@ -274,10 +275,11 @@ class Speed(Measurement):
 def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter):
     """The lean decoder over this model, its logits checked against the model's before timing
     (a decoder that computes something else has no speed worth reporting)."""
+    from harness.perf.decode import static_cache_len
     from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
 
     batch, context = ids.shape
-    lean = LeanDecoder(model, batch, context + new_tokens + 3 + 16)
+    lean = LeanDecoder(model, batch, static_cache_len(context, new_tokens))
     check = check_against(model, lean, ids[:, :min(context, 16)], steps=4)
     if check["argmax_agreement"] < 0.75 or check["max_rel_logit_diff"] > 0.05:
         raise RuntimeError(f"lean decoder disagrees with the model ({check}): not timed")
