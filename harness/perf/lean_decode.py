@@ -58,7 +58,8 @@ class _Layer:
 class LeanDecoder:
     """Callable `(ids [B, T], pos [T]) -> last-position logits [B, vocab]`; holds its own cache."""
 
-    def __init__(self, model, batch: int, max_seq: int, fuse: bool = True, attention: str = "sdpa"):
+    def __init__(self, model, batch: int, max_seq: int, fuse: bool = True, attention: str = "sdpa",
+                 kernels: str = "torch"):
         arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
         if type(model).__name__ not in SUPPORTED:
             raise ValueError(f"lean decoder: {type(model).__name__} ({arch}) is not one of {', '.join(SUPPORTED)}")
@@ -77,6 +78,9 @@ class LeanDecoder:
         # (coordinate_descent_tuning) lowers to fused Triton reductions instead of a flash kernel
         # launch per layer; prefill always uses SDPA
         self.attention = attention
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"lean decoder: kernels must be torch or triton, not {kernels!r}")
+        self.kernels = kernels
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head
@@ -105,6 +109,25 @@ class LeanDecoder:
                 k_cache=torch.zeros(cache, dtype=self.dtype, device=self.device),
                 v_cache=torch.zeros(cache, dtype=self.dtype, device=self.device),
             ))
+        if kernels == "triton":
+            self._check_triton(batch)
+
+    def _check_triton(self, batch: int) -> None:
+        """The fused Triton step (harness.perf.triton_decode) covers one layout only: say which
+        part of this model falls outside it, in one line, rather than run something else."""
+        from harness.perf import triton_decode
+
+        why = triton_decode.available()
+        plain = all(plain_linear(lay.wo) and plain_linear(lay.w2) and lay.wo.bias is None and lay.w2.bias is None
+                    for lay in self.layers) and plain_linear(self.lm_head) and self.lm_head.bias is None
+        hd = self.head_dim
+        why = why or (None if self.fused else "its projections are not all plain float linears (quantized?)")
+        why = why or (None if plain else "o_proj/down_proj/lm_head are not bias-free plain float linears")
+        why = why or (None if batch == 1 else f"batch {batch} (the fused step is batch-1 decode)")
+        why = why or (None if hd >= 16 and hd & (hd - 1) == 0 else f"head_dim {hd} is not a power of two")
+        if why:
+            raise ValueError(f"lean decoder, triton kernels: {why}")
+        self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()
 
     def weight_bytes(self) -> int:
         """Bytes of the weights one decode step reads (fused copies, modules' storage as stored,
@@ -138,9 +161,23 @@ class LeanDecoder:
         out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, kv, g, hd]
         return out.reshape(bsz, self.n_heads, 1, self.head_dim)
 
+    def _triton_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token through the fused kernels: five launches a layer (triton_decode's docstring)."""
+        from harness.perf.triton_decode import decode_attention, gemv
+
+        x = F.embedding(ids.view(1), self.embed).view(-1)
+        for lay in self.layers:
+            qkv = gemv(lay.wqkv, x, norm=lay.ln1, eps=self.eps, bias=lay.bqkv)
+            att = decode_attention(qkv, lay.k_cache, lay.v_cache, self.cos, self.sin, pos, self.n_heads, self.n_kv)
+            x = gemv(lay.wo.weight, att, residual=x)
+            x = gemv(lay.w2.weight, gemv(lay.w13, x, norm=lay.ln2, eps=self.eps, gated=True), residual=x)
+        return gemv(self.lm_head.weight, x, norm=self.norm, eps=self.eps).view(1, -1)
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         bsz, seq = ids.shape
+        if self.kernels == "triton" and seq == 1:
+            return self._triton_step(ids, pos)
         x = F.embedding(ids, self.embed)
         cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, T, hd]
         mask = self.mask[pos][None, None]  # [1, 1, T, max_seq]: keys at positions <= each query's

@@ -1,0 +1,179 @@
+"""Batch-1 fp16 decode of a 7B shape through the fused Triton step (harness.perf.triton_decode:
+five kernels a layer) against the roofline, on the lent GPU (issue 6: >= 85%).
+
+Parts, each printed as it finishes (a short table last; $OUT/decode_triton.json):
+  1. copy probe (the roofline's bandwidth) and a read-only bandwidth diagnostic;
+  2. the Triton lean step: logits checked against transformers first (the first calls tune each
+     GEMV's block shape), then one CUDA graph per step, 256 replays timed with CUDA events, and a
+     torch.profiler kernel table of one replay;
+  3. GEMV-only graphs over the same fused matrices of one step: cuBLAS (F.linear) vs the Triton
+     GEMV with the step's tuned shapes (no epilogues), the kernels seen apart from everything else;
+  4. with --with-inductor: the previous best (lean decoder, torch.compile coordinate-descent) for
+     comparison on the same device, with its kernel table (~90 s of compile).
+
+Run on the device from the repo root:  PYTHONPATH=/tmp/site:$PWD python3 benchmarks/decode_triton.py"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from harness import hardware
+from harness.perf import decode as dec
+from harness.perf import triton_decode as td
+from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
+from harness.perf.probes import run_probes
+from harness.perf.roofline import ModelDims, phase_roofline
+from harness.perf.shape_models import load_shape, resolve_shape
+
+OUT = os.environ.get("OUT", "/tmp/out")
+SHAPE = os.environ.get("SHAPE", "shape:llama-2-7b")
+NEW, CTX = 256, 128
+rows, result = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "git_sha": os.environ.get("QHARNESS_GIT_SHA", "unknown"), "shape": SHAPE}
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:5.0f}s]", *a, flush=True)
+
+
+def med(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def kernel_table(graph, label, replays=2):
+    """Device time per kernel name over a few replays of a captured graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    agg = {}
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = agg.setdefault(e.name, [0.0, 0])
+            t[0] += e.device_time_total
+            t[1] += 1
+    busy = sum(v[0] for v in agg.values()) / replays
+    lines = [f"kernels of one replay ({label}): {sum(v[1] for v in agg.values()) // replays} launches, {busy / 1e3:.3f} ms busy"]
+    lines += [f"  {v[0] / replays / 1e3:7.3f} ms  x{v[1] // replays:4d}  {k[:100]}"
+              for k, v in sorted(agg.items(), key=lambda kv: -kv[1][0])[:12]]
+    result.setdefault("kernel_tables", {})[label] = lines
+    for line in lines:
+        log(line)
+
+
+def timed_graph(fn, replays=64):
+    """Capture fn once (after warm-up on a side stream); median seconds of `replays` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
+    ev[0].record()
+    for i in range(replays):
+        g.replay()
+        ev[i + 1].record()
+    ev[-1].synchronize()
+    return med([ev[i].elapsed_time(ev[i + 1]) / 1e3 for i in range(replays)]), g
+
+
+# 1) ceilings
+profile, name = hardware.detect("cuda")
+prof = hardware.profiles().get(profile)
+bw = run_probes("cuda", names=["copy"])["memory_bandwidth"].value
+
+
+def read_bandwidth() -> float:
+    big = torch.randn(1 << 31, device="cuda", dtype=torch.float16)  # 4 GiB
+    seconds, _ = timed_graph(lambda: big.sum(), replays=10)
+    return big.numel() * 2 / seconds
+
+
+read_bw = read_bandwidth()
+result.update(copy_bandwidth=bw, read_bandwidth=read_bw)
+log(f"{name} -> {profile}: copy {bw / 1e12:.3f} TB/s = {bw / prof.memory_bandwidth_bytes_s:.1%} of datasheet; "
+    f"read-only (sum of 4 GiB) {read_bw / 1e12:.3f} TB/s")
+
+source = resolve_shape(SHAPE)
+with torch.device("cuda"):
+    model, _ = load_shape(source, torch.float16)
+dims = ModelDims.from_config(model.config)
+log(f"built {source.name}")
+
+
+def place(label, seconds, extra=None):
+    roof = phase_roofline(dims, "decode", 1, CTX + NEW // 2, prof.peak_flops["fp16"], bw)  # b=1: bandwidth-bound
+    point = roof.placed(seconds, bw)
+    rows.append({"label": label, "seconds": seconds, **point, "bytes": roof.bytes, **(extra or {})})
+    log(f"{label:52s} {point['tokens_s']:7.1f} tok/s  {point['roofline_fraction']:6.1%} of roofline "
+        f"{point['roofline_tokens_s']:.1f} ({seconds * 1e3:.3f} ms/step, {roof.bytes / 1e9:.2f} GB)")
+
+
+# 2) the Triton lean step
+lean = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")
+ids = dec.random_prompt(model.config.vocab_size, 1, CTX, "cuda")
+t = time.time()
+check = check_against(model, lean, ids[:, :16], steps=8)  # the first calls tune each GEMV key
+log(f"tuned {len(td.TUNED)} GEMV keys x {len(td.CANDIDATES)} candidates while checking ({time.time() - t:.0f}s)")
+result["triton_check"] = check
+log(f"triton lean vs transformers (fp16, 16-token prompt + 8 greedy steps): {check}")
+if check["argmax_agreement"] < 0.75 or check["max_rel_logit_diff"] > 0.05:
+    log("the Triton step disagrees with transformers: its timings are NOT reported")
+    sys.exit(1)
+lean = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")  # fresh caches
+t = time.time()
+timing, _ = lean_graph_decode(model, ids, NEW, compile=False, lean=lean,
+                              after_replays=lambda g: kernel_table(g, "triton lean step"))
+place(f"lean triton kernels, one CUDA graph ({time.time() - t:.0f}s)", med(timing.tpot_s),
+      {"samples_s": timing.tpot_s, "note": timing.note})
+result["tuned"] = {str(k): v for k, v in td.TUNED.items()}
+for k, v in td.TUNED.items():
+    log(f"GEMV n={k[0]} k={k[1]} norm={k[2]} bias={k[3]} res={k[4]} gated={k[5]}: BLOCK_N={v[0]} BLOCK_K={v[1]} "
+        f"warps={v[2]} stages={v[3]} ({v[4] * 1e3:.1f} us cold)")
+
+# 3) GEMV-only: the same fused matrices, cuBLAS vs tuned Triton
+mats = [w for lay in lean.layers for w in (lay.wqkv, lay.wo.weight, lay.w13, lay.w2.weight)] + [lean.lm_head.weight]
+xs = {k: torch.randn(k, device="cuda", dtype=torch.float16) for k in {m.shape[1] for m in mats}}
+nbytes = sum(m.numel() * 2 for m in mats)
+for key, v in list(td.TUNED.items()):  # epilogue-free GEMVs take the config tuned for the step's fused one
+    td.TUNED[(key[0] * (2 if key[5] else 1), key[1], False, False, False, False, key[6])] = v
+for label, fn in (("cuBLAS", lambda: [F.linear(xs[m.shape[1]][None], m) for m in mats]),
+                  ("Triton", lambda: [td.gemv(m, xs[m.shape[1]]) for m in mats])):
+    s, g = timed_graph(fn)
+    result[f"gemv_only_{label}"] = {"seconds": s, "bytes": nbytes, "bytes_s": nbytes / s}
+    log(f"GEMV-only graph, {label:6s} ({len(mats)} matrices, {nbytes / 1e9:.2f} GB): {s * 1e3:.3f} ms = "
+        f"{nbytes / s / 1e12:.3f} TB/s = {nbytes / s / bw:.1%} of copy")
+    kernel_table(g, f"GEMV-only {label}")
+    del g
+
+# 4) the previous best on the same device, for comparison
+if "--with-inductor" in sys.argv:
+    del lean
+    lean = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW))
+    t = time.time()
+    timing, _ = lean_graph_decode(model, ids, NEW, compile=True, inductor={"coordinate_descent_tuning": True}, lean=lean,
+                                  after_replays=lambda g: kernel_table(g, "lean inductor coord-descent"))
+    place(f"lean torch.compile coord-descent ({time.time() - t:.0f}s)", med(timing.tpot_s), {"samples_s": timing.tpot_s})
+
+result["rows"] = rows
+os.makedirs(OUT, exist_ok=True)
+with open(f"{OUT}/decode_triton.json", "w") as f:
+    json.dump(result, f, indent=1, default=str)
+log(f"== {SHAPE} fp16, b=1, ctx {CTX} + {NEW} new; copy {bw / 1e12:.3f} TB/s ==")
+for r in rows:
+    log(f"{r['label'][:52]:52s} {r['tokens_s']:7.1f} tok/s  {r['roofline_fraction']:6.1%} of roofline {r['roofline_tokens_s']:.1f}")
