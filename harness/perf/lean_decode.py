@@ -128,6 +128,7 @@ class LeanDecoder:
         if why:
             raise ValueError(f"lean decoder, triton kernels: {why}")
         self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()
+        self.scratch = triton_decode.AttentionScratch(self.n_heads, self.n_kv, hd, self.device)
 
     def weight_bytes(self) -> int:
         """Bytes of the weights one decode step reads (fused copies, modules' storage as stored,
@@ -168,7 +169,8 @@ class LeanDecoder:
         x = F.embedding(ids.view(1), self.embed).view(-1)
         for lay in self.layers:
             qkv = gemv(lay.wqkv, x, norm=lay.ln1, eps=self.eps, bias=lay.bqkv)
-            att = decode_attention(qkv, lay.k_cache, lay.v_cache, self.cos, self.sin, pos, self.n_heads, self.n_kv)
+            att = decode_attention(qkv, lay.k_cache, lay.v_cache, self.cos, self.sin, pos, self.n_heads, self.n_kv,
+                                   self.scratch)
             x = gemv(lay.wo.weight, att, residual=x)
             x = gemv(lay.w2.weight, gemv(lay.w13, x, norm=lay.ln2, eps=self.eps, gated=True), residual=x)
         return gemv(self.lm_head.weight, x, norm=self.norm, eps=self.eps).view(1, -1)

@@ -49,7 +49,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(W, X, NW, B, R, Y, N, K, eps,
                      HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
-                     EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """Y[n] = (W @ norm(X))[n] (+B[n]) (+R[n]); GATED: W holds 2N rows (gate, then up) and
         Y[n] = silu(g[n]) * u[n]. fp32 accumulation; each rounding to the model dtype where
         transformers rounds (norm output, projection output, silu, product, residual sum)."""
@@ -58,13 +58,9 @@ if triton is not None:
         row_ok = rows < N
         cols0 = tl.arange(0, BLOCK_K)
         dtype = Y.dtype.element_ty
-        if HAS_NORM:  # every program recomputes the row norm of X: K values from L2, cheaper than a launch
-            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + cols0
-                xv = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
-                sq += xv * xv
-            inv = tl.rsqrt(tl.sum(sq, 0) / K + eps)
+        if HAS_NORM:  # every program recomputes the norm of X (one load of K values from L2, not a launch)
+            xall = tl.load(X + tl.arange(0, K_P2), mask=tl.arange(0, K_P2) < K, other=0.0).to(tl.float32)
+            inv = tl.rsqrt(tl.sum(xall * xall, 0) / K + eps)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         if GATED:
             acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -96,13 +92,18 @@ if triton is not None:
         tl.store(Y + rows, y.to(dtype), mask=row_ok)
 
     @triton.jit
-    def _decode_attention_kernel(QKV, KC, VC, COS, SIN, POS, OUT, MAX_SEQ, scale,
+    def _decode_attention_kernel(QKV, KC, VC, COS, SIN, POS, OUT, PM, PL, PO, CNT, MAX_SEQ, scale,
                                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, GROUP: tl.constexpr,
-                                 GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One program per kv head: rotary on its k and its GROUP q heads (transformers'
-        rotate_half convention), k/v written to the caches at `pos`, then softmax(q.K^T/sqrt(d)).V
-        over cache positions [0, pos) plus the new key, online softmax in fp32."""
+                                 GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 SPLITS: tl.constexpr):
+        """Split-sequence decode attention (flash-decoding), program (kv head, split): rotary on the
+        new k and the GROUP q heads (transformers' rotate_half convention); split 0 writes k/v to
+        the caches at `pos`; each split attends to its share of cache positions [0, pos) (the last
+        split also to the new key, kept in registers) with an online fp32 softmax and leaves
+        (max, sum, unnormalised output) in scratch; the split that finishes last for its kv head
+        (an atomic counter) combines them, writes the heads' outputs and resets the counter."""
         kvh = tl.program_id(0)
+        sp = tl.program_id(1)
         pos = tl.load(POS)
         HD: tl.constexpr = 2 * HALF
         dtype = OUT.dtype.element_ty
@@ -120,45 +121,68 @@ if triton is not None:
         v1 = tl.load(vbase + d)
         v2 = tl.load(vbase + HALF + d)
         cache = kvh * MAX_SEQ * HD
-        tl.store(KC + cache + pos * HD + d, kr1)
-        tl.store(KC + cache + pos * HD + HALF + d, kr2)
-        tl.store(VC + cache + pos * HD + d, v1)
-        tl.store(VC + cache + pos * HD + HALF + d, v2)
+        if sp == 0:  # no split reads position `pos` from the cache: the write races with nothing
+            tl.store(KC + cache + pos * HD + d, kr1)
+            tl.store(KC + cache + pos * HD + HALF + d, kr2)
+            tl.store(VC + cache + pos * HD + d, v1)
+            tl.store(VC + cache + pos * HD + HALF + d, v2)
 
         g = tl.arange(0, GROUP_P2)
         g_ok = g < GROUP
-        qrow = (kvh * GROUP + g) * HD
-        q1 = tl.load(QKV + qrow[:, None] + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(QKV + qrow[:, None] + HALF + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        head = kvh * GROUP + g
+        q1 = tl.load(QKV + head[:, None] * HD + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(QKV + head[:, None] * HD + HALF + d[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
         qr1 = (q1 * c1[None, :] - q2 * s1[None, :]).to(dtype).to(tl.float32)
         qr2 = (q2 * c2[None, :] + q1 * s2[None, :]).to(dtype).to(tl.float32)
-        # the new key first: it seeds the running max, sum and output
-        m = (tl.sum(qr1 * kr1.to(tl.float32)[None, :], 1) + tl.sum(qr2 * kr2.to(tl.float32)[None, :], 1)) * scale
-        l_sum = tl.full([GROUP_P2], 1.0, tl.float32)
-        o1 = tl.zeros([GROUP_P2, HALF], tl.float32) + v1.to(tl.float32)[None, :]
-        o2 = tl.zeros([GROUP_P2, HALF], tl.float32) + v2.to(tl.float32)[None, :]
+        last = sp == SPLITS - 1  # the last split seeds its running softmax with the new key
+        s_new = (tl.sum(qr1 * kr1.to(tl.float32)[None, :], 1) + tl.sum(qr2 * kr2.to(tl.float32)[None, :], 1)) * scale
+        m = tl.where(last, s_new, float("-inf"))
+        l_sum = tl.where(last, tl.full([GROUP_P2], 1.0, tl.float32), 0.0)
+        o1 = tl.where(last, tl.zeros([GROUP_P2, HALF], tl.float32) + v1.to(tl.float32)[None, :], 0.0)
+        o2 = tl.where(last, tl.zeros([GROUP_P2, HALF], tl.float32) + v2.to(tl.float32)[None, :], 0.0)
+        chunk = tl.cdiv(pos, SPLITS)
+        start = sp * chunk
+        end = tl.minimum(start + chunk, pos)
         sidx = tl.arange(0, BLOCK_S)
-        for s0 in range(0, pos, BLOCK_S):
+        for s0 in range(start, end, BLOCK_S):
             s = s0 + sidx
-            s_ok = s < pos
+            s_ok = s < end
             kp = KC + cache + s[:, None] * HD + d[None, :]
             kk1 = tl.load(kp, mask=s_ok[:, None], other=0.0).to(tl.float32)
             kk2 = tl.load(kp + HALF, mask=s_ok[:, None], other=0.0).to(tl.float32)
+            vp = VC + cache + s[:, None] * HD + d[None, :]
+            vv1 = tl.load(vp, mask=s_ok[:, None], other=0.0).to(tl.float32)
+            vv2 = tl.load(vp + HALF, mask=s_ok[:, None], other=0.0).to(tl.float32)
             sc = (tl.sum(qr1[:, None, :] * kk1[None, :, :], 2) + tl.sum(qr2[:, None, :] * kk2[None, :, :], 2)) * scale
             sc = tl.where(s_ok[None, :], sc, float("-inf"))
             m_new = tl.maximum(m, tl.max(sc, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(sc - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            vp = VC + cache + s[:, None] * HD + d[None, :]
-            vv1 = tl.load(vp, mask=s_ok[:, None], other=0.0).to(tl.float32)
-            vv2 = tl.load(vp + HALF, mask=s_ok[:, None], other=0.0).to(tl.float32)
             o1 = o1 * alpha[:, None] + tl.sum(p[:, :, None] * vv1[None, :, :], 1)
             o2 = o2 * alpha[:, None] + tl.sum(p[:, :, None] * vv2[None, :, :], 1)
             m = m_new
-        out = OUT + qrow[:, None] + d[None, :]
-        tl.store(out, (o1 / l_sum[:, None]).to(dtype), mask=g_ok[:, None])
-        tl.store(out + HALF, (o2 / l_sum[:, None]).to(dtype), mask=g_ok[:, None])
+        part = head * SPLITS + sp
+        tl.store(PM + part, m, mask=g_ok)
+        tl.store(PL + part, l_sum, mask=g_ok)
+        tl.store(PO + part[:, None] * HD + d[None, :], o1, mask=g_ok[:, None])
+        tl.store(PO + part[:, None] * HD + HALF + d[None, :], o2, mask=g_ok[:, None])
+        tl.debug_barrier()  # every thread's partials are written before the counter moves
+        done = tl.atomic_add(CNT + kvh, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            sps = tl.arange(0, SPLITS)
+            parts = head[:, None] * SPLITS + sps[None, :]  # [GROUP_P2, SPLITS]
+            pm = tl.load(PM + parts, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+            pl = tl.load(PL + parts, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+            w = tl.exp(pm - tl.max(pm, 1)[:, None])  # empty splits hold -inf: weight 0
+            denom = tl.sum(w * pl, 1)
+            po = PO + parts[:, :, None] * HD + d[None, None, :]
+            po1 = tl.load(po, mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
+            po2 = tl.load(po + HALF, mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
+            out = OUT + head[:, None] * HD + d[None, :]
+            tl.store(out, (tl.sum(w[:, :, None] * po1, 1) / denom[:, None]).to(dtype), mask=g_ok[:, None])
+            tl.store(out + HALF, (tl.sum(w[:, :, None] * po2, 1) / denom[:, None]).to(dtype), mask=g_ok[:, None])
+            tl.atomic_xchg(CNT + kvh, 0)  # ready for the next layer / replay
 
 
 def _launch_gemv(config, w, x, norm, bias, residual, out, n, k, eps, gated, compile_only=False):
@@ -167,7 +191,7 @@ def _launch_gemv(config, w, x, norm, bias, residual, out, n, k, eps, gated, comp
     args = (w, x, norm if norm is not None else dummy, bias if bias is not None else dummy,
             residual if residual is not None else dummy, out, n, k, eps)
     meta = dict(HAS_NORM=norm is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated,
-                EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                EVEN_K=k % block_k == 0, K_P2=triton.next_power_of_2(k), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if compile_only:
         _gemv_kernel.warmup(*args, grid=(1,), **meta)
     else:
@@ -223,16 +247,37 @@ def gemv(w: torch.Tensor, x: torch.Tensor, norm: torch.Tensor | None = None, eps
     return out
 
 
+def attention_splits(n_kv: int, device: torch.device) -> int:
+    """Sequence splits per kv head: enough programs to cover the GPU's SMs about twice."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    return max(1, min(64, triton.next_power_of_2(-(-2 * sms // n_kv))))
+
+
+class AttentionScratch:
+    """Partials and per-kv-head counters for decode_attention, shared by every layer of a step
+    (layers run one after another, and the last split of each kv head resets its counter)."""
+
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int, device, splits: int | None = None):
+        device = torch.device(device)
+        self.splits = splits or attention_splits(n_kv, device)
+        self.m = torch.empty(n_heads * self.splits, device=device, dtype=torch.float32)
+        self.l = torch.empty_like(self.m)
+        self.o = torch.empty(n_heads * self.splits * head_dim, device=device, dtype=torch.float32)
+        self.counters = torch.zeros(n_kv, device=device, dtype=torch.int32)
+
+
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, pos: torch.Tensor, n_heads: int, n_kv: int, block_s: int = 64) -> torch.Tensor:
+                     sin: torch.Tensor, pos: torch.Tensor, n_heads: int, n_kv: int, scratch: AttentionScratch,
+                     block_s: int = 64) -> torch.Tensor:
     """Attention of one new token (batch 1): qkv = [q heads | k heads | v heads] fresh from the
     projection; caches [1, n_kv, max_seq, head_dim]; cos/sin [max_seq, head_dim]; pos a 1-element
     device tensor (the new token's position, so graph replays advance without a host sync)."""
     _, _, max_seq, head_dim = k_cache.shape
     out = torch.empty(n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     group = n_heads // n_kv
-    _decode_attention_kernel[(n_kv,)](
-        qkv, k_cache, v_cache, cos, sin, pos, out, max_seq, head_dim ** -0.5,
-        N_HEADS=n_heads, N_KV=n_kv, GROUP=group, GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2,
-        BLOCK_S=block_s, num_warps=4)
+    _decode_attention_kernel[(n_kv, scratch.splits)](
+        qkv, k_cache, v_cache, cos, sin, pos, out, scratch.m, scratch.l, scratch.o, scratch.counters,
+        max_seq, head_dim ** -0.5, N_HEADS=n_heads, N_KV=n_kv, GROUP=group,
+        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=block_s, SPLITS=scratch.splits,
+        num_warps=4)
     return out
