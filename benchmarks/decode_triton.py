@@ -3,6 +3,8 @@ five kernels a layer) against the roofline, on the lent GPU (issue 6: >= 85%).
 
 Parts, each printed as it finishes (a short table last; $OUT/decode_triton.json):
   1. copy probe (the roofline's bandwidth) and a read-only bandwidth diagnostic;
+  1b. with --attention-variants: the decode-attention kernel alone under several launch shapes
+     (sequence splits, block, warps; with and without the combine), the fastest used below;
   2. the Triton lean step: logits checked against transformers first (the first calls tune each
      GEMV's block shape), then one CUDA graph per step, 256 replays timed with CUDA events, and a
      torch.profiler kernel table of one replay;
@@ -123,6 +125,38 @@ def place(label, seconds, extra=None):
     log(f"{label:52s} {point['tokens_s']:7.1f} tok/s  {point['roofline_fraction']:6.1%} of roofline "
         f"{point['roofline_tokens_s']:.1f} ({seconds * 1e3:.3f} ms/step, {roof.bytes / 1e9:.2f} GB)")
 
+
+# 1b) decode attention launch shapes: 32 layers' worth of launches at mid-context, as one graph
+if "--attention-variants" in sys.argv:
+    probe = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")
+    for lay in probe.layers:
+        lay.k_cache.normal_()
+        lay.v_cache.normal_()
+    qkvs = [torch.randn(lay.wqkv.shape[0], device="cuda", dtype=torch.float16) for lay in probe.layers]
+    at_pos = torch.tensor([CTX + NEW // 2], device="cuda")
+    best = None
+    for splits, block_s, warps, combine in [(8, 64, 4, True), (8, 64, 4, False), (8, 64, 1, True), (8, 64, 2, True),
+                                            (8, 64, 8, True), (8, 32, 4, True), (8, 16, 4, True), (4, 64, 4, True),
+                                            (16, 32, 4, True), (32, 16, 4, True), (32, 16, 4, False), (32, 16, 1, True),
+                                            (64, 8, 1, True), (2, 128, 4, True), (1, 128, 8, True)]:
+        td.ATTENTION_LAUNCH.update(splits=splits, block_s=block_s, num_warps=warps)
+        scr = td.AttentionScratch(probe.n_heads, probe.n_kv, probe.head_dim, "cuda")
+        try:
+            sec, _ = timed_graph(lambda: [td.decode_attention(q, lay.k_cache, lay.v_cache, probe.cos, probe.sin, at_pos,
+                                                              probe.n_heads, probe.n_kv, scr, combine=combine)
+                                          for q, lay in zip(qkvs, probe.layers)])
+        except Exception as exc:  # noqa: BLE001 - a launch shape the compiler refuses
+            log(f"attention splits={splits} block_s={block_s} warps={warps}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        result.setdefault("attention_variants", []).append(
+            {"splits": splits, "block_s": block_s, "num_warps": warps, "combine": combine, "us_per_layer": sec / 32 * 1e6})
+        log(f"attention splits={splits:2d} block_s={block_s:3d} warps={warps} combine={combine!s:5s}: "
+            f"{sec / 32 * 1e6:6.2f} us a layer at position {CTX + NEW // 2}")
+        if combine and (best is None or sec < best[0]):
+            best = (sec, splits, block_s, warps)
+    td.ATTENTION_LAUNCH.update(splits=best[1], block_s=best[2], num_warps=best[3])
+    log(f"decode attention launch for the step: {td.ATTENTION_LAUNCH}")
+    del probe, qkvs
 
 # 2) the Triton lean step
 lean = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")

@@ -95,7 +95,7 @@ if triton is not None:
     def _decode_attention_kernel(QKV, KC, VC, COS, SIN, POS, OUT, PM, PL, PO, CNT, MAX_SEQ, scale,
                                  N_HEADS: tl.constexpr, N_KV: tl.constexpr, GROUP: tl.constexpr,
                                  GROUP_P2: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SPLITS: tl.constexpr):
+                                 SPLITS: tl.constexpr, COMBINE: tl.constexpr = True):
         """Split-sequence decode attention (flash-decoding), program (kv head, split): rotary on the
         new k and the GROUP q heads (transformers' rotate_half convention); split 0 writes k/v to
         the caches at `pos`; each split attends to its share of cache positions [0, pos) (the last
@@ -167,22 +167,23 @@ if triton is not None:
         tl.store(PL + part, l_sum, mask=g_ok)
         tl.store(PO + part[:, None] * HD + d[None, :], o1, mask=g_ok[:, None])
         tl.store(PO + part[:, None] * HD + HALF + d[None, :], o2, mask=g_ok[:, None])
-        tl.debug_barrier()  # every thread's partials are written before the counter moves
-        done = tl.atomic_add(CNT + kvh, 1, sem="acq_rel")
-        if done == SPLITS - 1:
-            sps = tl.arange(0, SPLITS)
-            parts = head[:, None] * SPLITS + sps[None, :]  # [GROUP_P2, SPLITS]
-            pm = tl.load(PM + parts, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
-            pl = tl.load(PL + parts, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
-            w = tl.exp(pm - tl.max(pm, 1)[:, None])  # empty splits hold -inf: weight 0
-            denom = tl.sum(w * pl, 1)
-            po = PO + parts[:, :, None] * HD + d[None, None, :]
-            po1 = tl.load(po, mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
-            po2 = tl.load(po + HALF, mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
-            out = OUT + head[:, None] * HD + d[None, :]
-            tl.store(out, (tl.sum(w[:, :, None] * po1, 1) / denom[:, None]).to(dtype), mask=g_ok[:, None])
-            tl.store(out + HALF, (tl.sum(w[:, :, None] * po2, 1) / denom[:, None]).to(dtype), mask=g_ok[:, None])
-            tl.atomic_xchg(CNT + kvh, 0)  # ready for the next layer / replay
+        if COMBINE:  # False only in timing diagnostics: the output is then left unwritten
+            tl.debug_barrier()  # every thread's partials are written before the counter moves
+            done = tl.atomic_add(CNT + kvh, 1, sem="acq_rel")
+            if done == SPLITS - 1:
+                sps = tl.arange(0, SPLITS)
+                parts = head[:, None] * SPLITS + sps[None, :]  # [GROUP_P2, SPLITS]
+                pm = tl.load(PM + parts, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                pl = tl.load(PL + parts, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+                w = tl.exp(pm - tl.max(pm, 1)[:, None])  # empty splits hold -inf: weight 0
+                denom = tl.sum(w * pl, 1)
+                po = PO + parts[:, :, None] * HD + d[None, None, :]
+                po1 = tl.load(po, mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
+                po2 = tl.load(po + HALF, mask=g_ok[:, None, None], other=0.0, cache_modifier=".cg")
+                out = OUT + head[:, None] * HD + d[None, :]
+                tl.store(out, (tl.sum(w[:, :, None] * po1, 1) / denom[:, None]).to(dtype), mask=g_ok[:, None])
+                tl.store(out + HALF, (tl.sum(w[:, :, None] * po2, 1) / denom[:, None]).to(dtype), mask=g_ok[:, None])
+                tl.atomic_xchg(CNT + kvh, 0)  # ready for the next layer / replay
 
 
 def _launch_gemv(config, w, x, norm, bias, residual, out, n, k, eps, gated, compile_only=False):
@@ -247,6 +248,9 @@ def gemv(w: torch.Tensor, x: torch.Tensor, norm: torch.Tensor | None = None, eps
     return out
 
 
+ATTENTION_LAUNCH = {"block_s": 64, "num_warps": 4, "splits": None}  # benchmarks compare launch shapes
+
+
 def attention_splits(n_kv: int, device: torch.device) -> int:
     """Sequence splits per kv head: enough programs to cover the GPU's SMs about twice."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
@@ -259,16 +263,18 @@ class AttentionScratch:
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, device, splits: int | None = None):
         device = torch.device(device)
-        self.splits = splits or attention_splits(n_kv, device)
+        self.splits = splits or ATTENTION_LAUNCH.get("splits") or attention_splits(n_kv, device)
         self.m = torch.empty(n_heads * self.splits, device=device, dtype=torch.float32)
         self.l = torch.empty_like(self.m)
         self.o = torch.empty(n_heads * self.splits * head_dim, device=device, dtype=torch.float32)
         self.counters = torch.zeros(n_kv, device=device, dtype=torch.int32)
 
 
+
+
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, pos: torch.Tensor, n_heads: int, n_kv: int, scratch: AttentionScratch,
-                     block_s: int = 64) -> torch.Tensor:
+                     combine: bool = True) -> torch.Tensor:
     """Attention of one new token (batch 1): qkv = [q heads | k heads | v heads] fresh from the
     projection; caches [1, n_kv, max_seq, head_dim]; cos/sin [max_seq, head_dim]; pos a 1-element
     device tensor (the new token's position, so graph replays advance without a host sync)."""
@@ -278,6 +284,6 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     _decode_attention_kernel[(n_kv, scratch.splits)](
         qkv, k_cache, v_cache, cos, sin, pos, out, scratch.m, scratch.l, scratch.o, scratch.counters,
         max_seq, head_dim ** -0.5, N_HEADS=n_heads, N_KV=n_kv, GROUP=group,
-        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=block_s, SPLITS=scratch.splits,
-        num_warps=4)
+        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=ATTENTION_LAUNCH["block_s"],
+        SPLITS=scratch.splits, COMBINE=combine, num_warps=ATTENTION_LAUNCH["num_warps"])
     return out
