@@ -129,6 +129,27 @@ class LeanDecoder:
             raise ValueError(f"lean decoder, triton kernels: {why}")
         self.cos, self.sin = self.cos.contiguous(), self.sin.contiguous()
         self.scratch = triton_decode.AttentionScratch(self.n_heads, self.n_kv, hd, self.device)
+        if self.device.type == "cuda":
+            self.tune_triton()
+
+    def tune_triton(self) -> dict:
+        """Tune each GEMV of the fused step over all layers' matrices of its kind (cold, as the
+        step reads them; random inputs): {kind: (BLOCK_N, BLOCK_K, warps, stages, s a launch)}."""
+        from harness.perf import triton_decode
+
+        def vec(n):
+            return torch.randn(n, device=self.device, dtype=self.dtype)
+
+        hidden = self.embed.shape[1]
+        nq = self.n_heads * self.head_dim
+        kinds = {
+            "qkv": [dict(w=lay.wqkv, x=vec(hidden), norm=lay.ln1, eps=self.eps, bias=lay.bqkv) for lay in self.layers],
+            "o_proj": [dict(w=lay.wo.weight, x=vec(nq), residual=vec(hidden)) for lay in self.layers],
+            "gate_up": [dict(w=lay.w13, x=vec(hidden), norm=lay.ln2, eps=self.eps, gated=True) for lay in self.layers],
+            "down": [dict(w=lay.w2.weight, x=vec(lay.w2.weight.shape[1]), residual=vec(hidden)) for lay in self.layers],
+            "lm_head": [dict(w=self.lm_head.weight, x=vec(hidden), norm=self.norm, eps=self.eps)],
+        }
+        return {kind: triton_decode.tune(calls) for kind, calls in kinds.items()}
 
     def weight_bytes(self) -> int:
         """Bytes of the weights one decode step reads (fused copies, modules' storage as stored,
