@@ -10,6 +10,7 @@ Parts, each printed as it finishes (a short table last; $OUT/decode_triton.json)
      torch.profiler kernel table of one replay;
   3. GEMV-only graphs over the same fused matrices of one step: cuBLAS (F.linear) vs the Triton
      GEMV with the step's tuned shapes (no epilogues), the kernels seen apart from everything else;
+     (--step-only skips this part); CTX=<n> sets the prompt length (128), SHAPE= the model shape;
   4. with --with-inductor: the previous best (lean decoder, torch.compile coordinate-descent) for
      comparison on the same device, with its kernel table (~90 s of compile).
 
@@ -35,7 +36,7 @@ from harness.perf.shape_models import load_shape, resolve_shape
 
 OUT = os.environ.get("OUT", "/tmp/out")
 SHAPE = os.environ.get("SHAPE", "shape:llama-2-7b")
-NEW, CTX = 256, 128
+NEW, CTX = 256, int(os.environ.get("CTX", "128"))
 rows, result = [], {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "git_sha": os.environ.get("QHARNESS_GIT_SHA", "unknown"), "shape": SHAPE}
 T0 = time.time()
@@ -182,25 +183,72 @@ for pdl in ("1", "0"):  # programmatic dependent launch on (Hopper) and off
     place(f"lean triton kernels, one CUDA graph, PDL {'on' if pdl == '1' else 'off'} ({time.time() - t:.0f}s)",
           med(timing.tpot_s), {"samples_s": timing.tpot_s, "note": timing.note, "pdl": pdl == "1"})
 os.environ["QHARNESS_TRITON_PDL"] = "1"
+
+
+def graph_tokens(pdl: str, steps: int = 64) -> torch.Tensor:
+    """The greedy tokens the captured Triton step produces, replay by replay (PDL on or off)."""
+    os.environ["QHARNESS_TRITON_PDL"] = pdl
+    lv = LeanDecoder(model, 1, dec.static_cache_len(CTX, steps), kernels="triton")
+    first = lv(ids, torch.arange(CTX, device="cuda")).argmax(-1, keepdim=True)
+    pos, cur = torch.tensor([CTX], device="cuda"), first.clone()
+
+    def step():
+        cur.copy_(lv(cur, pos).argmax(-1, keepdim=True))
+        pos.add_(1)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    pos.fill_(CTX)
+    cur.copy_(first)
+    out = [first.clone()]
+    for _ in range(steps):
+        g.replay()
+        out.append(cur.clone())
+    os.environ["QHARNESS_TRITON_PDL"] = "1"
+    return torch.cat(out, 1)[0]
+
+
+# 2b) replays under PDL compute what they compute without it, and what the torch lean step computes
+on, off = graph_tokens("1"), graph_tokens("0")
+ref = LeanDecoder(model, 1, dec.static_cache_len(CTX, 64))  # torch kernels, eager, teacher-forced on `on`
+logits = ref(ids, torch.arange(CTX, device="cuda"))
+agree = []
+for i in range(len(on) - 1):
+    agree.append(int(logits.argmax(-1).item() == on[i].item()))
+    logits = ref(on[i].view(1, 1), torch.tensor([CTX + i], device="cuda"))
+del ref
+result["replay_check"] = {"tokens": len(on), "pdl_on_equals_off": bool(torch.equal(on, off)),
+                          "torch_lean_argmax_agreement": sum(agree) / len(agree)}
+log(f"graph replays, {len(on)} greedy tokens: PDL on == PDL off: {torch.equal(on, off)}; the torch lean step "
+    f"(eager, fed the same tokens) picks the same next token {sum(agree)}/{len(agree)} times")
 result["tuned"] = {str(k): v for k, v in td.TUNED.items()}
 for k, v in td.TUNED.items():
     log(f"GEMV n={k[0]} k={k[1]} norm={k[2]} bias={k[3]} res={k[4]} gated={k[5]}: BLOCK_N={v[0]} BLOCK_K={v[1]} "
         f"warps={v[2]} stages={v[3]} ({v[4] * 1e6:.1f} us a launch in a graph of all layers)")
 
 # 3) GEMV-only: the same fused matrices, cuBLAS vs tuned Triton
-mats = [w for lay in lean.layers for w in (lay.wqkv, lay.wo.weight, lay.w13, lay.w2.weight)] + [lean.lm_head.weight]
-xs = {k: torch.randn(k, device="cuda", dtype=torch.float16) for k in {m.shape[1] for m in mats}}
-nbytes = sum(m.numel() * 2 for m in mats)
-for key, v in list(td.TUNED.items()):  # epilogue-free GEMVs take the config tuned for the step's fused one
-    td.TUNED[(key[0] * (2 if key[5] else 1), key[1], False, False, False, False, key[6])] = v
-for label, fn in (("cuBLAS", lambda: [F.linear(xs[m.shape[1]][None], m) for m in mats]),
-                  ("Triton", lambda: [td.gemv(m, xs[m.shape[1]]) for m in mats])):
-    s, g = timed_graph(fn)
-    result[f"gemv_only_{label}"] = {"seconds": s, "bytes": nbytes, "bytes_s": nbytes / s}
-    log(f"GEMV-only graph, {label:6s} ({len(mats)} matrices, {nbytes / 1e9:.2f} GB): {s * 1e3:.3f} ms = "
-        f"{nbytes / s / 1e12:.3f} TB/s = {nbytes / s / bw:.1%} of copy")
-    kernel_table(g, f"GEMV-only {label}")
-    del g
+if "--step-only" in sys.argv:
+    mats = []
+else:
+    mats = [w for lay in lean.layers for w in (lay.wqkv, lay.wo.weight, lay.w13, lay.w2.weight)] + [lean.lm_head.weight]
+    xs = {k: torch.randn(k, device="cuda", dtype=torch.float16) for k in {m.shape[1] for m in mats}}
+    nbytes = sum(m.numel() * 2 for m in mats)
+    for key, v in list(td.TUNED.items()):  # epilogue-free GEMVs take the config tuned for the step's fused one
+        td.TUNED[(key[0] * (2 if key[5] else 1), key[1], False, False, False, False, key[6])] = v
+    for label, fn in (("cuBLAS", lambda: [F.linear(xs[m.shape[1]][None], m) for m in mats]),
+                      ("Triton", lambda: [td.gemv(m, xs[m.shape[1]]) for m in mats])):
+        s, g = timed_graph(fn)
+        result[f"gemv_only_{label}"] = {"seconds": s, "bytes": nbytes, "bytes_s": nbytes / s}
+        log(f"GEMV-only graph, {label:6s} ({len(mats)} matrices, {nbytes / 1e9:.2f} GB): {s * 1e3:.3f} ms = "
+            f"{nbytes / s / 1e12:.3f} TB/s = {nbytes / s / bw:.1%} of copy")
+        kernel_table(g, f"GEMV-only {label}")
+        del g
 
 # 4) the previous best on the same device, for comparison
 if "--with-inductor" in sys.argv:

@@ -7,7 +7,8 @@ roofline) and achieved FLOP/s. The table gives tokens/s against the roofline's t
 bandwidth utilisation (bytes that had to move / time / measured bandwidth) and, where a cell ran
 both decode modes, the framework-vs-graph gap (Python and launch overhead apart from kernels), and
 the lean mode (harness.perf.lean_decode, compiled) where it ran: the kernels with the framework's
-step bookkeeping taken away too."""
+step bookkeeping taken away too, and the triton mode (the lean step as five fused Triton kernels a
+layer, harness.perf.triton_decode): how close a float model's decode gets to the bandwidth roof."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from harness.reports.section_drift import _ok, cell_label
 from harness.reports.sections import Section
 
 POINT_PREFIXES = ("decode_tokens_s@", "prefill_tokens_s@")
+FAST_MODES = ("graph", "lean", "triton")  # decode modes set beside plain generate in the gap table
 
 
 def _points(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,10 +88,10 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
     decode = pts[pts["metric"].str.startswith("decode_tokens_s@")]
     by_key = {(r["cell_id"], r["params"]["mode"], r["params"]["batch"], r["params"]["context"]): r for _, r in decode.iterrows()}
     for (cid, mode, batch, context), r in by_key.items():
-        fast = {m: by_key.get((cid, m, batch, context)) for m in ("graph", "lean")}
+        fast = {m: by_key.get((cid, m, batch, context)) for m in FAST_MODES}
         if mode == "framework" and any(x is not None for x in fast.values()):
             cols = []
-            for m in ("graph", "lean"):
+            for m in FAST_MODES:
                 x = fast[m]
                 cols += [(_fmt(x["value"]), repr(float(x["value"]))) if x is not None else ("-", ""),
                          (f"{x['value'] / r['value']:.2f}x", repr(x["value"] / r["value"])) if x is not None else ("-", "")]
@@ -99,8 +101,8 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
                      "of roofline", "bandwidth utilisation", "ops/byte", "J/token"], rows)]
     notes = []
     if gaps:
-        tables.append(Table(["cell", "batch", "context", "framework tokens/s", "graph tokens/s", "graph / framework",
-                             "lean tokens/s", "lean / framework"], gaps))
+        tables.append(Table(["cell", "batch", "context", "framework tokens/s",
+                             *[h for m in FAST_MODES for h in (f"{m} tokens/s", f"{m} / framework")]], gaps))
     else:
         notes.append("No cell ran both decode modes here (graph-captured decode needs a CUDA device): no framework-vs-graph gap.")
     for _, r in _ok(df, "speed")[lambda d: d["metric"] == "decode_tokens_s"].drop_duplicates("hardware_profile").iterrows():

@@ -11,6 +11,14 @@ import pytest
 
 PLUGINS = Path(__file__).parent / "plugins"
 
+# Without a GPU the fused Triton decode kernels (tests/test_triton_decode.py) run under Triton's CPU
+# interpreter; triton reads this when it is first imported, whichever test imports it first.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:

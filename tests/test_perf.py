@@ -245,14 +245,17 @@ def test_roofline_section_places_points_and_reports_the_gap():
     ceil = [Record(cell_id="a", suite="s", model="m", backend="fp", variant="a", device="cuda", hardware_profile="h100-sxm",
                    run_id="r", measurement="ceilings", metric=m, value=v, unit=u, params={"datasheet": d})
             for m, v, u, d in [("memory_bandwidth", 3.0e12, "bytes/s", 3.35e12), ("gemm_fp16", 750e12, "FLOP/s", 989e12)]]
-    recs = ceil + [_speed_record("a", "framework", 20.0, 0.09), _speed_record("a", "graph", 160.0, 0.7)]
+    recs = ceil + [_speed_record("a", "framework", 20.0, 0.09), _speed_record("a", "graph", 160.0, 0.7),
+                   _speed_record("a", "triton", 280.0, 0.9)]
     df = pd.DataFrame([r.model_dump() for r in recs])
     section = build(df, {})
     assert section.title == "Roofline" and len(section.figures) == 1
     names = [t.name for t in section.figures[0].data]
     assert "measured fp16" in names and "datasheet fp16" in names
     gap = section.tables[1]
-    assert gap.rows[0][5][0] == "8.00x" and gap.rows[0][-1][0] == "-"  # graph / framework; no lean point here
+    assert gap.headers[4::2] == ["graph tokens/s", "lean tokens/s", "triton tokens/s"]
+    assert gap.rows[0][5][0] == "8.00x" and gap.rows[0][7][0] == "-"  # graph / framework; no lean point here
+    assert gap.rows[0][-1][0] == "14.00x"  # triton / framework
     headline = _speed_record("a", "framework", 20.0, 0.09).model_copy(update={"metric": "decode_tokens_s"})
     headline.params["layers"] = [{"layer": "q_proj", "count": 32, "decode_intensity": 1.0, "prefill_intensity": 300.0,
                                   "decode_bytes": 1e9, "decode_floor_share": 0.25, "decode_bound": "memory"}]

@@ -89,11 +89,12 @@ class SpeedParams(MeasurementParams):
     new_tokens: int = Field(32, ge=2, description="decoded tokens per repeat")
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)
-    modes: list[Literal["framework", "graph", "lean"]] = Field(
+    modes: list[Literal["framework", "graph", "lean", "triton"]] = Field(
         default_factory=lambda: ["framework", "graph"],
         description="framework: plain generate; graph: the model's step with a static cache as one CUDA graph; lean: "
                     "harness.perf.lean_decode (Llama-family, fused float projections, the backend's modules otherwise), "
-                    "torch.compile'd and captured (CUDA only)")
+                    "torch.compile'd and captured; triton: the lean decoder's batch-1 step as five fused Triton kernels "
+                    "a layer (harness.perf.triton_decode; float models only), captured (CUDA only)")
     graph_compile: bool = Field(False, description="torch.compile the decode step before capturing it")
     lean_inductor: dict = Field(default_factory=lambda: {"coordinate_descent_tuning": True},
                                 description="inductor config for the lean mode's compile")
@@ -168,7 +169,7 @@ class Speed(Measurement):
             ctx.progress(done, total, "prefill speed")
 
         for mode in params.modes:
-            if mode in ("graph", "lean") and not device.startswith("cuda"):
+            if mode in ("graph", "lean", "triton") and not device.startswith("cuda"):
                 done += len(params.batch_sizes) * len(params.contexts)
                 continue  # CUDA graphs need a CUDA device: nothing to time here (the docs say so)
             for batch in params.batch_sizes:
@@ -210,12 +211,13 @@ class Speed(Measurement):
             kv = None
             protocol = (f"decode mode framework: plain generate (greedy, {n} new tokens, random prompt of {context}), "
                         f"per-token timestamps from a logits processor, warm-up {params.warmup}, {params.repeats} repeats")
-        elif mode == "lean":
-            timing, check = _lean_timing(model, ids, n * params.repeats, params.lean_inductor, meter)
+        elif mode in ("lean", "triton"):
+            timing, check = _lean_timing(model, ids, n * params.repeats, params.lean_inductor, meter, kernels=
+                                         "triton" if mode == "triton" else "torch")
             runs = [dec.DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch)
                     for i in range(params.repeats)]
             kv = timing.kv_cache_bytes
-            protocol = (f"decode mode lean: {timing.note}; logits checked against the model first (max rel diff "
+            protocol = (f"decode mode {mode}: {timing.note}; logits checked against the model first (max rel diff "
                         f"{check['max_rel_logit_diff']:.2g}, argmax agreement {check['argmax_agreement']:.0%} over "
                         f"{check['steps']} steps); {n * params.repeats} replays after a 3-step warm-up, CUDA events per "
                         f"replay, repeats = {params.repeats} blocks of {n}")
@@ -272,18 +274,20 @@ class Speed(Measurement):
         return values
 
 
-def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter):
+def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter, kernels: str = "torch"):
     """The lean decoder over this model, its logits checked against the model's before timing
-    (a decoder that computes something else has no speed worth reporting)."""
+    (a decoder that computes something else has no speed worth reporting). kernels="triton":
+    its fused Triton step, already one kernel per stage, so not torch.compile'd."""
     from harness.perf.decode import static_cache_len
     from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
 
     batch, context = ids.shape
-    lean = LeanDecoder(model, batch, static_cache_len(context, new_tokens))
+    lean = LeanDecoder(model, batch, static_cache_len(context, new_tokens), kernels=kernels)
     check = check_against(model, lean, ids[:, :min(context, 16)], steps=4)
     if check["argmax_agreement"] < 0.75 or check["max_rel_logit_diff"] > 0.05:
         raise RuntimeError(f"lean decoder disagrees with the model ({check}): not timed")
-    timing, _ = lean_graph_decode(model, ids, new_tokens, compile=True, inductor=inductor, around_replays=meter, lean=lean)
+    timing, _ = lean_graph_decode(model, ids, new_tokens, compile=kernels == "torch", inductor=inductor,
+                                  around_replays=meter, lean=lean)
     return timing, check
 
 
