@@ -341,14 +341,23 @@ def gemv(w: torch.Tensor, x: torch.Tensor, norm: torch.Tensor | None = None, eps
     return out
 
 
-ATTENTION_LAUNCH = {"block_s": 16, "num_warps": 1, "splits": None}  # benchmarks compare launch shapes
+ATTENTION_LAUNCH = {"block_s": 16, "num_warps": None, "splits": None}  # None: sized from the problem  # benchmarks compare launch shapes
 
 
 def attention_splits(n_kv: int, device: torch.device) -> int:
     """Sequence splits per kv head: about four programs per SM (on the H200, 32 splits of 16
     positions with one warp each beat 8 x 64 with four warps: 7.6 vs 13.7 us a layer at 256)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(64, triton.next_power_of_2(-(-4 * sms // n_kv))))
+    return max(1, min(32, triton.next_power_of_2(-(-4 * sms // n_kv))))
+
+
+def attention_warps(group_p2: int, block_s: int, splits: int, half: int) -> int:
+    """Warps for the largest register tile (a block's [group, block, half] products or the combine's
+    [group, splits, half]) at about 64 fp32 values a thread: one warp for Llama-2's single head a kv
+    head (fastest there), more for grouped-query heads, whose tiles spilled with one warp (Llama-3-8B
+    24.6 us, Qwen2.5-7B 54 us a layer on the H200)."""
+    elements = group_p2 * half * max(block_s, splits)
+    return max(1, min(8, triton.next_power_of_2(-(-elements // (64 * 32)))))
 
 
 class AttentionScratch:
@@ -376,10 +385,13 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     out = torch.empty(n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     group = n_heads // n_kv
     pdl = use_pdl(qkv.device)
+    block_s = ATTENTION_LAUNCH["block_s"]
+    warps = ATTENTION_LAUNCH["num_warps"] or attention_warps(triton.next_power_of_2(group), block_s, scratch.splits,
+                                                             head_dim // 2)
     _decode_attention_kernel[(n_kv, scratch.splits)](
         qkv, k_cache, v_cache, cos, sin, pos, out, scratch.m, scratch.l, scratch.o, scratch.counters,
         max_seq, head_dim ** -0.5, N_HEADS=n_heads, N_KV=n_kv, GROUP=group,
-        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=ATTENTION_LAUNCH["block_s"],
-        SPLITS=scratch.splits, COMBINE=combine, PDL=pdl, num_warps=ATTENTION_LAUNCH["num_warps"],
+        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=block_s,
+        SPLITS=scratch.splits, COMBINE=combine, PDL=pdl, num_warps=warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
