@@ -283,9 +283,16 @@ def lean_graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: 
     # a backend's own modules may break the graph: fullgraph only for the all-float fused step
     tpot = capture_and_time(step, reset, new_tokens, compile=compile, fullgraph=lean.fused, warmup=warmup,
                             inductor=inductor, around_replays=around_replays, after_replays=after_replays)
-    note = ("lean decoder (fused qkv/gate-up" if lean.fused else "lean decoder (projections called one module each") + (
-        f", {lean.attention} attention)") + (
-        f" + torch.compile {inductor or {}}" if compile else ", eager kernels") + " + one CUDA graph per step"
+    if lean.kernels == "triton":
+        from harness.perf.triton_decode import use_pdl
+
+        note = ("lean decoder, fused Triton step (5 kernels a layer: norm+qkv, rotary+cache+split attention, "
+                f"o_proj+residual, norm+gate/up+silu, down+residual; programmatic dependent launch "
+                f"{'on' if use_pdl(input_ids.device) else 'off'}) + one CUDA graph per step")
+    else:
+        note = ("lean decoder (fused qkv/gate-up" if lean.fused else "lean decoder (projections called one module each") + (
+            f", {lean.attention} attention)") + (
+            f" + torch.compile {inductor or {}}" if compile else ", eager kernels") + " + one CUDA graph per step"
     timing = DecodeTiming(ttft_s=t0.elapsed_time(t1) / 1e3, tpot_s=tpot, batch=batch, context=context,
                           new_tokens=new_tokens, mode="graph-lean", note=note, kv_cache_bytes=lean.cache_bytes())
     return timing, lean
