@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+if torch.cuda.is_available():  # the interpreter is process-wide: it would also run inductor's kernels there
+    pytest.skip("CPU-interpreter tests; tests/test_gpu_decode.py runs the compiled kernels", allow_module_level=True)
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (conftest sets it without a GPU)
 pytest.importorskip("triton")
 
