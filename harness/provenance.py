@@ -31,7 +31,9 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str]:
 @lru_cache(maxsize=1)
 def git_sha() -> str:
     """The harness checkout's commit (+ '-dirty'); for an installed copy (a wheel carried to a GPU
-    machine) the commit its builder declared in QHARNESS_GIT_SHA, marked as declared; else 'unknown'."""
+    machine) the commit its builder declared in QHARNESS_GIT_SHA, marked as declared; else 'unknown'.
+    A declaration that disagrees with the checkout is kept beside it (a copied tree whose .git is
+    older than its files read 39e29e7-dirty for code at b25267b on the GPU machine)."""
     here = Path(harness.__file__).resolve().parent
     declared = os.environ.get("QHARNESS_GIT_SHA")
     fallback = f"{declared} (declared)" if declared else "unknown"
@@ -41,7 +43,10 @@ def git_sha() -> str:
             return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        found = sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        if declared and not found.startswith(declared):
+            return f"{found} (checkout); {declared} (declared)"
+        return found
     except (OSError, subprocess.SubprocessError):
         return fallback
 
