@@ -182,7 +182,8 @@ class Speed(Measurement):
                         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                         print(f"{mode} decode failed (b={batch}, c={context}): {reason}", file=sys.stderr)
                         out.append(MetricValue(f"decode_tokens_s@{mode}-b{batch}-c{context}", None, "tokens/s",
-                                               protocol=f"decode mode {mode}: capture or replay failed",
+                                               protocol=f"decode mode {mode}: not measured (capture, replay or the "
+                                                        "mode's own check failed, or the model is outside what it covers)",
                                                params={"mode": mode, "batch": batch, "context": context, "error": reason}))
                         if device.startswith("cuda"):
                             import torch
