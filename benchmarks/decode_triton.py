@@ -75,24 +75,10 @@ def kernel_table(graph, label, replays=2):
 
 def timed_graph(fn, replays=64):
     """Capture fn once (after warm-up on a side stream); median seconds of `replays` replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = dec.capture(fn)
     for _ in range(3):
         g.replay()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
-    ev[0].record()
-    for i in range(replays):
-        g.replay()
-        ev[i + 1].record()
-    ev[-1].synchronize()
-    return med([ev[i].elapsed_time(ev[i + 1]) / 1e3 for i in range(replays)]), g
+    return med(dec.replay_seconds(g, replays)), g
 
 
 # 1) ceilings
@@ -196,14 +182,7 @@ def graph_tokens(pdl: str, steps: int = 64) -> torch.Tensor:
         cur.copy_(lv(cur, pos).argmax(-1, keepdim=True))
         pos.add_(1)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g = dec.capture(step, warmup=1)
     pos.fill_(CTX)
     cur.copy_(first)
     out = [first.clone()]

@@ -167,29 +167,45 @@ def capture_and_time(step, reset, new_tokens: int, compile: bool = False, fullgr
         dynamo.reset()
         fn = torch.compile(step, dynamic=False, fullgraph=fullgraph)
         patch = inductor_config.patch(inductor or {})
+    with patch:
+        graph = capture(fn, warmup)
+    reset()
+    tpot = replay_seconds(graph, new_tokens, around_replays)
+    if after_replays is not None:
+        after_replays(graph)
+    del graph
+    return tpot
+
+
+def capture(fn, warmup: int = 3) -> "torch.cuda.CUDAGraph":
+    """`fn` run `warmup` times on a side stream (compiles, cuBLAS handles and workspaces, Triton
+    tuning: nothing of that may happen inside a capture), then captured once as a CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with patch, torch.cuda.stream(side):
-        for _ in range(warmup):  # compiles (if asked), initialises cuBLAS handles and workspaces
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    reset()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens + 1)]
+    return graph
+
+
+def replay_seconds(graph, replays: int, around=None) -> list[float]:
+    """Seconds of each of `replays` back-to-back replays, each bracketed by CUDA events; `around`:
+    a context manager entered around the replays only (e.g. an EnergyMeter)."""
+    import contextlib
+
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
     torch.cuda.synchronize()
-    with around_replays or contextlib.nullcontext():
+    with around or contextlib.nullcontext():
         events[0].record()
-        for i in range(new_tokens):
+        for i in range(replays):
             graph.replay()
             events[i + 1].record()
         events[-1].synchronize()
-    tpot = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(new_tokens)]
-    if after_replays is not None:
-        after_replays(graph)
-    del graph
-    return tpot
+    return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(replays)]
 
 
 @torch.inference_mode()

@@ -267,23 +267,12 @@ def _launch_gemv(config, w, x, norm, bias, residual, out, eps, gated, compile_on
 
 
 def _graph_seconds(fn, replays: int = 5) -> float:
-    """Median seconds of one replay of `fn` captured as a CUDA graph (after a warm-up)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Median seconds of one replay of `fn` captured as a CUDA graph (after one warm-up run)."""
+    from harness.perf.decode import capture, replay_seconds
+
+    graph = capture(fn, warmup=1)
     graph.replay()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
-    events[0].record()
-    for i in range(replays):
-        graph.replay()
-        events[i + 1].record()
-    events[-1].synchronize()
-    return sorted(events[i].elapsed_time(events[i + 1]) for i in range(replays))[replays // 2] / 1e3
+    return sorted(replay_seconds(graph, replays))[replays // 2]
 
 
 def tune(calls: list[dict]) -> tuple:
