@@ -9,12 +9,16 @@ roofline. Here each layer is
   3. o_proj GEMV + residual                           `gemv(w_o, att, residual=x)`
   4. RMSNorm -> gate/up GEMV -> silu(g) * u           `gemv(w_gate_up, x, norm=ln2, gated=True)`
   5. down_proj GEMV + residual                        `gemv(w_down, a, residual=x)`
-so nothing but the GEMVs' weight stream and a few KB of activations touch device memory.
+so nothing but the GEMVs' weight stream and a few KB of activations touch device memory. On
+Hopper every kernel is launched with programmatic dependent launch: it loads what no earlier kernel
+writes (its first weight tile; the position, rotary rows and first cache block) before waiting for
+the previous kernel, so the weight stream runs across kernel boundaries (H200, 7B fp16: 87-90% of
+the roofline with it, 84-86% without; benchmarks/results/decode-triton-h200).
 
-The GEMV's block shape is tuned per (rows, cols, epilogue) on the device the first time it is
-seen (a handful of candidates timed cold with triton.testing.do_bench, kept in `TUNED`), so
-the captured CUDA graph holds the chosen kernels. On CPU the kernels run under Triton's
-interpreter (TRITON_INTERPRET=1), which is how the tests check them against torch."""
+The GEMV's block shape is tuned per (rows, cols, epilogue) on the device before capture (`tune`:
+22 candidates, each timed as a CUDA graph over all layers' matrices of the kind; kept in `TUNED`),
+so the captured graph holds the chosen kernels. On CPU the kernels run under Triton's interpreter
+(TRITON_INTERPRET=1), which is how the tests check them against torch."""
 
 from __future__ import annotations
 
