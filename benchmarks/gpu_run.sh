@@ -7,6 +7,7 @@
 #            SUITE_FILE=perf-h200-b.yaml bash benchmarks/gpu_run.sh .gpuB backends   (gguf.aa; part B, --resume)
 #            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
 #            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
+#            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
 set -euo pipefail
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -68,6 +69,8 @@ PY
 case "$what" in
   floor)
     python3 "$repo/benchmarks/decode_floor.py" "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" | tee "$OUT/decode_floor.log" ;;
+  triton)
+    python3 "$repo/benchmarks/decode_triton.py" "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" | tee "$OUT/decode_triton.log" ;;
   backends)
     args=(); for b in "$@"; do args+=(-b "$b"); done
     suite=${SUITE_FILE:-perf-h200.yaml}; run=/tmp/run-${suite%.yaml}  # one run folder per suite file
