@@ -80,44 +80,12 @@ def med(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def kernel_table(step_graph, label, replays=2):
-    """torch.profiler over a few replays of a captured graph: device time per kernel name."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
-
-    try:
-        with tprofile(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(replays):
-                step_graph.replay()
-            torch.cuda.synchronize()
-        agg = {}
-        for e in p.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                t = agg.setdefault(e.name, [0.0, 0])
-                t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-                t[1] += 1
-        total = sum(v[0] for v in agg.values()) / replays
-        top = sorted(agg.items(), key=lambda kv: -kv[1][0])[:14]
-        lines = [f"kernels of one replay ({label}): {sum(v[1] for v in agg.values()) // replays} launches, "
-                 f"{total / 1e3:.3f} ms busy"]
-        lines += [f"  {v[0] / replays / 1e3:7.3f} ms  x{v[1] // replays:4d}  {k[:110]}" for k, v in top]
-        result.setdefault("kernel_tables", {})[label] = lines
-        for line in lines:
-            log(line)
-    except Exception as exc:  # noqa: BLE001 - a diagnostic only
-        log(f"profiler failed for {label}: {type(exc).__name__}: {exc}")
-
-
-def capture_graph(fn, warmup=3):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+def kernel_table(graph, label):
+    """The profiler's kernel table of a few replays, kept in the JSON and printed."""
+    lines = dec.kernel_table(graph, label)
+    result.setdefault("kernel_tables", {})[label] = lines
+    for line in lines:
+        log(line)
 
 
 ids = dec.random_prompt(vocab, 1, CTX, "cuda")
@@ -172,7 +140,7 @@ for label, comp, inductor, fuse, attention in variants:
 mats = [w for lay in lean.layers for w in (lay.wqkv, lay.wo.weight, lay.w13, lay.w2.weight)] + [lean.lm_head.weight]
 xs = {k: torch.randn(1, k, device="cuda", dtype=torch.float16) for k in {m.shape[1] for m in mats}}
 gemv_bytes = sum(m.numel() * 2 for m in mats)
-g = capture_graph(lambda: [F.linear(xs[m.shape[1]], m) for m in mats])
+g = dec.capture(lambda: [F.linear(xs[m.shape[1]], m) for m in mats])
 evs = [torch.cuda.Event(enable_timing=True) for _ in range(65)]
 evs[0].record()
 for i in range(64):

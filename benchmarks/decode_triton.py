@@ -50,24 +50,9 @@ def med(xs):
     return sorted(xs)[len(xs) // 2]
 
 
-def kernel_table(graph, label, replays=2):
-    """Device time per kernel name over a few replays of a captured graph."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    agg = {}
-    for e in p.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t = agg.setdefault(e.name, [0.0, 0])
-            t[0] += e.device_time_total
-            t[1] += 1
-    busy = sum(v[0] for v in agg.values()) / replays
-    lines = [f"kernels of one replay ({label}): {sum(v[1] for v in agg.values()) // replays} launches, {busy / 1e3:.3f} ms busy"]
-    lines += [f"  {v[0] / replays / 1e3:7.3f} ms  x{v[1] // replays:4d}  {k[:100]}"
-              for k, v in sorted(agg.items(), key=lambda kv: -kv[1][0])[:12]]
+def kernel_table(graph, label):
+    """The profiler's kernel table of a few replays, kept in the JSON and printed."""
+    lines = dec.kernel_table(graph, label)
     result.setdefault("kernel_tables", {})[label] = lines
     for line in lines:
         log(line)
@@ -113,6 +98,17 @@ def place(label, seconds, extra=None):
         f"{point['roofline_tokens_s']:.1f} ({seconds * 1e3:.3f} ms/step, {roof.bytes / 1e9:.2f} GB)")
 
 
+attention_launch = {}  # the step's attention launch shape: sized by AttentionScratch unless 1b picks one
+
+
+def triton_lean(max_seq: int) -> LeanDecoder:
+    """A lean decoder on the fused Triton step, with the attention launch shape chosen in 1b if any."""
+    lv = LeanDecoder(model, 1, max_seq, kernels="triton")
+    if attention_launch:
+        lv.scratch = td.AttentionScratch(lv.n_heads, lv.n_kv, lv.head_dim, "cuda", **attention_launch)
+    return lv
+
+
 # 1b) decode attention launch shapes: 32 layers' worth of launches at mid-context, as one graph
 if "--attention-variants" in sys.argv:
     probe = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")
@@ -126,8 +122,7 @@ if "--attention-variants" in sys.argv:
                                             (8, 64, 8, True), (8, 32, 4, True), (8, 16, 4, True), (4, 64, 4, True),
                                             (16, 32, 4, True), (32, 16, 4, True), (32, 16, 4, False), (32, 16, 1, True),
                                             (64, 8, 1, True), (2, 128, 4, True), (1, 128, 8, True)]:
-        td.ATTENTION_LAUNCH.update(splits=splits, block_s=block_s, num_warps=warps)
-        scr = td.AttentionScratch(probe.n_heads, probe.n_kv, probe.head_dim, "cuda")
+        scr = td.AttentionScratch(probe.n_heads, probe.n_kv, probe.head_dim, "cuda", splits, block_s, warps)
         try:
             sec, _ = timed_graph(lambda: [td.decode_attention(q, lay.k_cache, lay.v_cache, probe.cos, probe.sin, at_pos,
                                                               probe.n_heads, probe.n_kv, scr, combine=combine)
@@ -141,13 +136,13 @@ if "--attention-variants" in sys.argv:
             f"{sec / 32 * 1e6:6.2f} us a layer at position {CTX + NEW // 2}")
         if combine and (best is None or sec < best[0]):
             best = (sec, splits, block_s, warps)
-    td.ATTENTION_LAUNCH.update(splits=best[1], block_s=best[2], num_warps=best[3])
-    log(f"decode attention launch for the step: {td.ATTENTION_LAUNCH}")
+    attention_launch = dict(splits=best[1], block_s=best[2], num_warps=best[3])
+    log(f"decode attention launch for the step: {attention_launch}")
     del probe, qkvs
 
 # 2) the Triton lean step
 t = time.time()
-lean = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")  # tunes each GEMV kind
+lean = triton_lean(dec.static_cache_len(CTX, NEW))  # tunes each GEMV kind
 log(f"tuned {len(td.TUNED)} GEMV kinds x {len(td.CANDIDATES)} candidates over all layers ({time.time() - t:.0f}s)")
 ids = dec.random_prompt(model.config.vocab_size, 1, CTX, "cuda")
 check = check_against(model, lean, ids[:, :16], steps=8)
@@ -158,7 +153,7 @@ if check["argmax_agreement"] < 0.75 or check["max_rel_logit_diff"] > 0.05:
     sys.exit(1)
 for pdl in ("1", "0"):  # programmatic dependent launch on (Hopper) and off
     os.environ["QHARNESS_TRITON_PDL"] = pdl
-    lean = LeanDecoder(model, 1, dec.static_cache_len(CTX, NEW), kernels="triton")  # fresh caches
+    lean = triton_lean(dec.static_cache_len(CTX, NEW))  # fresh caches
     t = time.time()
     try:
         timing, _ = lean_graph_decode(model, ids, NEW, compile=False, lean=lean,
@@ -174,7 +169,7 @@ os.environ["QHARNESS_TRITON_PDL"] = "1"
 def graph_tokens(pdl: str, steps: int = 64) -> torch.Tensor:
     """The greedy tokens the captured Triton step produces, replay by replay (PDL on or off)."""
     os.environ["QHARNESS_TRITON_PDL"] = pdl
-    lv = LeanDecoder(model, 1, dec.static_cache_len(CTX, steps), kernels="triton")
+    lv = triton_lean(dec.static_cache_len(CTX, steps))
     first = lv(ids, torch.arange(CTX, device="cuda")).argmax(-1, keepdim=True)
     pos, cur = torch.tensor([CTX], device="cuda"), first.clone()
 

@@ -5,6 +5,7 @@ study's third part (benchmarks/decode_floor.py), without building a model: a sho
 import torch
 import torch.nn.functional as F
 
+from harness.perf.decode import capture, replay_seconds
 from harness.perf.probes import run_probes
 
 bw = run_probes("cuda", names=["copy"])["memory_bandwidth"].value
@@ -22,22 +23,10 @@ shapes = [(3 * h, h), (h, h), (2 * inter, h), (h, inter)] * layers + [(vocab, h)
 mats = [torch.randn(s, device="cuda", dtype=torch.float16) for s in shapes]
 xs = {k: torch.randn(1, k, device="cuda", dtype=torch.float16) for k in (h, inter)}
 nbytes = sum(m.numel() * 2 for m in mats)
-side = torch.cuda.Stream(); side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    for _ in range(3):
-        [F.linear(xs[m.shape[1]], m) for m in mats]
-torch.cuda.current_stream().wait_stream(side)
-g = torch.cuda.CUDAGraph()
-with torch.cuda.graph(g):
-    [F.linear(xs[m.shape[1]], m) for m in mats]
+g = capture(lambda: [F.linear(xs[m.shape[1]], m) for m in mats])
 for _ in range(3):
     g.replay()
-evs = [torch.cuda.Event(enable_timing=True) for _ in range(65)]
-evs[0].record()
-for i in range(64):
-    g.replay(); evs[i + 1].record()
-evs[-1].synchronize()
-t = sorted(evs[i].elapsed_time(evs[i + 1]) / 1e3 for i in range(64))[32]
+t = sorted(replay_seconds(g, 64))[32]
 print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.3f} TB/s, read-only {read_bw / 1e12:.3f} TB/s")
 print(f"GEMV-only graph ({len(mats)} fp16 matrices, {nbytes / 1e9:.2f} GB): {t * 1e3:.3f} ms median of 64 = "
       f"{nbytes / t / 1e12:.3f} TB/s = {nbytes / t / bw:.1%} of copy; a 7B fp16 step made of these GEMVs alone: "

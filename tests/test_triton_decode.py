@@ -1,7 +1,6 @@
 """The fused Triton decode step computes what transformers computes (run under Triton's CPU
 interpreter here; the same kernels, compiled, are timed on the GPU by benchmarks/decode_triton.py)."""
 
-import importlib
 import os
 
 import pytest
@@ -15,8 +14,6 @@ pytest.importorskip("triton")
 from harness.perf import triton_decode  # noqa: E402
 from harness.perf.lean_decode import LeanDecoder, check_against  # noqa: E402
 
-if type(triton_decode._gemv_kernel).__name__ != "InterpretedFunction":  # imported before, compiled: define again
-    triton_decode = importlib.reload(triton_decode)
 
 
 def _tiny(arch: str, heads: int, kv_heads: int, hidden: int = 64, head_dim: int | None = None):

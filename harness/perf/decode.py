@@ -212,3 +212,28 @@ def replay_seconds(graph, replays: int, around=None) -> list[float]:
 def prefill(model, input_ids: torch.Tensor):
     """One forward over the prompt, building the cache as generate would; last-token logits only."""
     return model(input_ids=input_ids, use_cache=True, logits_to_keep=1).logits
+
+
+def kernel_table(graph, label: str, replays: int = 2, top: int = 14) -> list[str]:
+    """A diagnostic: torch.profiler over a few replays of a captured graph, device time per kernel
+    name (one line a kernel, heaviest first, after a total line); a profiler failure is one line."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                graph.replay()
+            torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        return [f"profiler failed for {label}: {type(exc).__name__}: {exc}"]
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = agg.setdefault(e.name, [0.0, 0])
+            t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            t[1] += 1
+    busy = sum(v[0] for v in agg.values()) / replays
+    lines = [f"kernels of one replay ({label}): {sum(v[1] for v in agg.values()) // replays} launches, "
+             f"{busy / 1e3:.3f} ms busy"]
+    return lines + [f"  {v[0] / replays / 1e3:7.3f} ms  x{v[1] // replays:4d}  {k[:110]}"
+                    for k, v in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]]

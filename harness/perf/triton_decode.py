@@ -334,9 +334,6 @@ def gemv(w: torch.Tensor, x: torch.Tensor, norm: torch.Tensor | None = None, eps
     return out
 
 
-ATTENTION_LAUNCH = {"block_s": 16, "num_warps": None, "splits": None}  # None: sized from the problem  # benchmarks compare launch shapes
-
-
 def attention_splits(n_kv: int, device: torch.device) -> int:
     """Sequence splits per kv head: about four programs per SM (on the H200, 32 splits of 16
     positions with one warp each beat 8 x 64 with four warps: 7.6 vs 13.7 us a layer at 256)."""
@@ -354,18 +351,21 @@ def attention_warps(group_p2: int, block_s: int, splits: int, half: int) -> int:
 
 
 class AttentionScratch:
-    """Partials and per-kv-head counters for decode_attention, shared by every layer of a step
-    (layers run one after another, and the last split of each kv head resets its counter)."""
+    """The launch shape of decode_attention (sequence splits, positions a block, warps; each sized
+    from the problem unless given) and its partials and per-kv-head counters, shared by every layer
+    of a step (layers run one after another; the last split of each kv head resets its counter)."""
 
-    def __init__(self, n_heads: int, n_kv: int, head_dim: int, device, splits: int | None = None):
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int, device, splits: int | None = None,
+                 block_s: int = 16, num_warps: int | None = None):
         device = torch.device(device)
-        self.splits = splits or ATTENTION_LAUNCH.get("splits") or attention_splits(n_kv, device)
+        self.splits = splits or attention_splits(n_kv, device)
+        self.block_s = block_s
+        self.num_warps = num_warps or attention_warps(triton.next_power_of_2(n_heads // n_kv), block_s, self.splits,
+                                                      head_dim // 2)
         self.m = torch.empty(n_heads * self.splits, device=device, dtype=torch.float32)
         self.l = torch.empty_like(self.m)
         self.o = torch.empty(n_heads * self.splits * head_dim, device=device, dtype=torch.float32)
         self.counters = torch.zeros(n_kv, device=device, dtype=torch.int32)
-
-
 
 
 def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
@@ -378,13 +378,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     out = torch.empty(n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     group = n_heads // n_kv
     pdl = use_pdl(qkv.device)
-    block_s = ATTENTION_LAUNCH["block_s"]
-    warps = ATTENTION_LAUNCH["num_warps"] or attention_warps(triton.next_power_of_2(group), block_s, scratch.splits,
-                                                             head_dim // 2)
     _decode_attention_kernel[(n_kv, scratch.splits)](
         qkv, k_cache, v_cache, cos, sin, pos, out, scratch.m, scratch.l, scratch.o, scratch.counters,
         max_seq, head_dim ** -0.5, N_HEADS=n_heads, N_KV=n_kv, GROUP=group,
-        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=block_s,
-        SPLITS=scratch.splits, COMBINE=combine, PDL=pdl, num_warps=warps,
+        GROUP_P2=triton.next_power_of_2(group), HALF=head_dim // 2, BLOCK_S=scratch.block_s,
+        SPLITS=scratch.splits, COMBINE=combine, PDL=pdl, num_warps=scratch.num_warps,
         **({"launch_pdl": True} if pdl else {}))
     return out
