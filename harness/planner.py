@@ -84,6 +84,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
             parsed.append((adapter, spec.name, variant, str(label or variant.label()), spec.timeout_s or suite.timeout_s,
                            spec.gpus if device == "cuda" else 1, spec.calibration or suite.calibration))
 
+    _check_corpora(suite, measurements, parsed)
     result = Plan(suite=suite, device=device, cells=[])
     for model_name in models or suite.models:
         source = resolve_model(model_name, prepare=True)
@@ -121,6 +122,22 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
         raise HarnessError(f"suite '{suite.name}': reference '{suite.reference}' is not one of its variants{did_you_mean(suite.reference, labels)}")
     _link_references(result)
     return result
+
+
+def _check_corpora(suite: Suite, measurements: list[dict], parsed: list) -> None:
+    """Every corpus a measurement or a calibrated variant names can be read here (files exist,
+    packages are installed), before any model loads."""
+    from harness.data import check_corpus
+
+    named = [(f"measurements[{i}] ({m['name']})", m["corpus"]) for i, m in enumerate(measurements)
+             if isinstance(m.get("corpus"), str)]
+    named += [(f"backend '{backend}' calibration", calibration.corpus)
+              for adapter, backend, variant, *_, calibration in parsed if adapter.variant_needs_calibration(variant)]
+    for where, corpus in named:
+        try:
+            check_corpus(corpus)
+        except HarnessError as exc:
+            raise HarnessError(f"suite '{suite.name}': {where}: {exc}") from None
 
 
 def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed: list) -> None:

@@ -61,6 +61,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU flags that pick native kernels (llama.cpp's repack/AMX layouts, oneDNN/fbgemm paths)
+KERNEL_CPU_FLAGS = ("amx", "avx512", "avx2", "avx_vnni", "fma", "f16c", "sve", "neon", "asimd", "i8mm")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide native kernels (amx*, avx512*, avx2, ...), from /proc/cpuinfo:
+    machines of one kind differ here, and a native library may take another path on each."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return sorted({f for f in line.split(":", 1)[1].split() if f.startswith(KERNEL_CPU_FLAGS)})
+    except OSError:
+        pass
+    return []
+
+
 def gpu_info() -> dict:
     """GPU names and driver through NVML (pynvml from nvidia-ml-py), falling back to torch."""
     info: dict = {}
@@ -105,6 +121,7 @@ def collect(device: str) -> dict:
         "device": device,
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": " ".join(cpu_flags()),
         "gpu": ", ".join(gpu.get("gpus", [])) or None,
         "driver": gpu.get("driver"),
         "versions": package_versions(),

@@ -75,6 +75,31 @@ def prepare_run_dir(out: Path, resume: bool) -> tuple[RunDir, dict | None]:
     return run_dir, None
 
 
+# what a resumed run must share with the run it continues: another name, reference, models or
+# measurements would mix incomparable cells into one record set (editing, adding or removing
+# backend variants is fine: cells are identified by their own parameters)
+RESUME_KEYS = ("name", "models", "reference", "measurements", "calibration")
+
+
+def check_same_suite(stored, suite: Suite, out: Path) -> None:
+    """One line naming the first of RESUME_KEYS that differs from the suite the run started with."""
+    if not isinstance(stored, dict):
+        raise HarnessError(f"cannot resume '{out}': its run.json holds no suite")
+    current = suite.model_dump(mode="json")
+    for key in RESUME_KEYS:
+        if stored.get(key) != current.get(key):
+            raise HarnessError(f"cannot resume '{out}': it was started with another suite ('{key}' differs: "
+                               f"{_short(stored.get(key))} there, {_short(current.get(key))} now); resume with the "
+                               "suite it ran, or choose another --out")
+
+
+def _short(value, limit: int = 60) -> str:
+    import json
+
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def run_suite(
     suite: Suite,
     out: Path | None = None,
@@ -92,6 +117,8 @@ def run_suite(
     emit = on_event or (lambda kind, data: None)
     out = Path(out) if out else default_out(suite)
     run_dir, previous = prepare_run_dir(out, resume)
+    if previous is not None:
+        check_same_suite(previous.get("suite"), suite, out)
     the_plan = make_plan(suite, models=models, backends=backends, device=device)
     profile, device_name = hardware.detect(the_plan.device)
 

@@ -304,6 +304,14 @@ def _detail_metric(metric: str) -> bool:
     return bool(re.search(r"_p\d", metric)) or metric in ("nll", "ln_ppl_ratio") or "@" in metric
 
 
+def cell_kernel(cell_record: Any) -> str:
+    """What ran the cell's model, from its provenance (e.g. 'llama.cpp (cpu), plain buffers': the
+    choice a native backend made on this CPU, adapters/llamacpp_cpu.py)."""
+    prov = {} if cell_record is None else cell_record.get("provenance")
+    info = prov.get("backend_info") if isinstance(prov, dict) else None
+    return str(info.get("kernel") or "") if isinstance(info, dict) else ""
+
+
 def cell_table(df: pd.DataFrame) -> Table:
     """One row per cell: identity, size, quality (with ratio to the model's reference), times,
     status, then every other ok metric as its own generic column."""
@@ -336,7 +344,7 @@ def cell_table(df: pd.DataFrame) -> Table:
     headers = ["model", "backend", "variant", "bits/weight", "weight MB"]
     for s in specs:
         headers += [f"{s.measurement}/{s.metric} ± unc (n)", f"{s.metric} ÷ reference {s.metric} (plain ratio)"]
-    headers += ["quantize time (s)", "cell duration (s)", "status"]
+    headers += ["quantize time (s)", "cell duration (s)", "status", "kernel"]
     headers += [f"{m}/{k} ({u})" if u else f"{m}/{k}" for m, k, u in generic]
 
     def val(d: dict[str, Any], cid: str, scale: float = 1.0) -> tuple[str, str]:
@@ -364,7 +372,7 @@ def cell_table(df: pd.DataFrame) -> Table:
                 row.append((f"{ratio:.4f}", _num(ratio)))
             else:
                 row.append(("", ""))
-        row += [val(quant_s, cid), val(cell_s, cid), (str(c["status"]), "")]
+        row += [val(quant_s, cid), val(cell_s, cid), (str(c["status"]), ""), (cell_kernel(cell_s.get(cid)), "")]
         for d in gen:
             r = d.get(cid)
             row.append(("", "") if r is None else (_fmt_unc(r["value"], r["uncertainty"]), _num(r["value"])))

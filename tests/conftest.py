@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# tests marked `native` run in a child pytest: a native crash fails that test, not the run
+from isolation import pytest_configure, pytest_runtest_logreport, pytest_runtest_logstart, pytest_runtest_protocol  # noqa: F401,E402
+
 PLUGINS = Path(__file__).parent / "plugins"
 
 # Without a GPU the fused Triton decode kernels (tests/test_triton_decode.py) run under Triton's CPU

@@ -25,6 +25,8 @@ from harness.adapters.base import LinearShape, ModelShapes  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 from harness.models import ModelSource  # noqa: E402
 
+pytestmark = pytest.mark.native  # in-process native code: run in a child pytest (tests/isolation.py)
+
 
 SHAPES = (LinearShape("model.layers.0.mlp.up_proj", 576, 1536), LinearShape("lm_head", 576, 49152))
 HF_ONLY = ModelSource(name="/models/llama-hf", path="/models/llama-hf", kind="local")
@@ -168,7 +170,7 @@ def test_ensure_converter_env_override_and_download_failure(tmp_path, monkeypatc
     calls = []
 
     def offline(cmd, **kw):
-        calls.append(cmd)
+        calls.append((cmd, Path(cmd[cmd.index("-r") + 1]).read_text()))
         return SimpleNamespace(returncode=1, stdout="", stderr="ERROR: Could not find a version that satisfies the requirement\n")
 
     monkeypatch.setattr(gc.subprocess, "run", offline)
@@ -176,7 +178,10 @@ def test_ensure_converter_env_override_and_download_failure(tmp_path, monkeypatc
         gc.ensure_converter()
     msg = str(err.value)
     assert "\n" not in msg and gc.CONVERTER_ENV in msg and "Could not find a version" in msg
-    assert calls and calls[0][1:4] == ["-m", "pip", "download"] and f"llama-cpp-python=={llama_cpp.__version__}" in calls[0]
+    cmd, requirement = calls[0]
+    assert cmd[1:4] == ["-m", "pip", "download"] and f"llama-cpp-python=={llama_cpp.__version__}" in requirement
+    if llama_cpp.__version__ in gc.SDIST_SHA256:  # pinned: pip refuses any other file
+        assert f"--hash=sha256:{gc.SDIST_SHA256[llama_cpp.__version__]}" in requirement and "--require-hashes" in cmd
 
 
 # --- slow: embedded SmolLM2-135M ----------------------------------------------------------------------
@@ -237,7 +242,8 @@ def test_smollm2_llamacpp_quality_and_bytes(smol, params, bpw_range, max_ratio) 
     lo, hi = bpw_range
     assert lo - 1e-9 <= bpw <= hi + 1e-9, (variant.label(), bpw, q.info["tensor_types"])
     assert n_bytes < q.weight_bytes() < Path(q.info["gguf_file"]).stat().st_size  # the file adds the vocabulary
-    assert q.info["kernel"] == "llama.cpp (cpu)" and sum(q.info["tensor_types"].values()) == 272
+    assert q.info["kernel"].startswith("llama.cpp (cpu), ") and sum(q.info["tensor_types"].values()) == 272
+    assert q.info["buffers"]["decided_by"] in ("probe", "cache")  # adapters/llamacpp_cpu.py
 
     logits = q.logits(windows)
     assert logits.dtype == torch.float32 and logits.shape == ref_logits.shape
@@ -260,3 +266,81 @@ def test_smollm2_llamacpp_quality_and_bytes(smol, params, bpw_range, max_ratio) 
             assert ppl > _PPL["Q4_K_M"]
     if params.get("source") == "original":
         assert q.info["quantize"]["from"] == Path(model.qharness_source.meta["gguf_file"]).name
+
+
+# --- llama.cpp on CPUs whose repack/AMX path crashes (adapters/llamacpp_cpu.py) ---------------------
+
+def _embedded_gguf() -> Path:
+    from harness.models import resolve_model
+
+    try:
+        return Path(resolve_model("builtin:smollm2-135m", prepare=False).meta["gguf_file"])
+    except HarnessError as exc:
+        pytest.skip(str(exc))
+
+
+def test_a_crashing_probe_takes_plain_buffers_and_is_cached(tmp_path, monkeypatch) -> None:
+    from harness.adapters import llamacpp_cpu
+
+    gguf = _embedded_gguf()
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path))
+    monkeypatch.setenv(llamacpp_cpu.FAULT_ENV, "extra")  # the child dies with SIGSEGV on extra buffers
+    choice = llamacpp_cpu.choose_buffers(gguf)
+    assert (choice.extra_bufts, choice.decided_by) == (False, "probe")
+    assert "extra buffers crashed (probe died: signal SIGSEGV); plain buffers work" == choice.reason
+    assert "CPU :" in choice.cpu_features
+    again = llamacpp_cpu.choose_buffers(gguf)
+    assert (again.extra_bufts, again.decided_by, again.reason) == (False, "cache", choice.reason)
+    # this machine's own answer is another cache entry (the simulated fault is part of the key)
+    monkeypatch.delenv(llamacpp_cpu.FAULT_ENV)
+    real = llamacpp_cpu.choose_buffers(gguf)
+    assert real.decided_by == "probe" and real.key != choice.key
+    if not real.extra_bufts:  # a machine whose repack path really crashes: say so in the log
+        print(f"\nthis CPU's llama.cpp repack path crashes: {real.reason}")
+
+
+LLAMACPP_SUITE = """
+name: llamacpp-here
+models: [builtin:smollm2-135m]
+device: cpu
+timeout_s: 600
+reference: fp:fp32
+backends:
+  - name: fp
+    variants: [{dtype: float32}]
+  - name: llamacpp
+    variants: [{qtype: original}]
+measurements:
+  - name: perplexity
+    seq_len: 128
+    max_windows: 2
+"""
+
+
+@pytest.mark.slow
+def test_a_llamacpp_cell_runs_end_to_end_here_and_after_a_crashing_probe(tmp_path) -> None:
+    """A llama.cpp cell through `harness run` on the machine the tests run on (whatever its CPU
+    decides), and on a simulated machine whose repack path segfaults: the cell is ok with plain
+    buffers, the choice is in its provenance, and the numbers agree with the fast path's."""
+    import json
+    import os
+    import subprocess
+
+    _embedded_gguf()
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(LLAMACPP_SUITE)
+    ppl, buffers = {}, {}
+    for name, env in (("here", {}), ("crashing", {"QHARNESS_LLAMACPP_PROBE_FAULT": "extra"})):
+        run = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", str(suite), "--out", str(run)],
+                              capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+        cell = next(r for r in records if r["backend"] == "llamacpp" and r["measurement"] == "cell")
+        assert cell["status"] == "ok", cell["error"]
+        buffers[name] = cell["provenance"]["backend_info"]["buffers"]
+        ppl[name] = next(r["value"] for r in records if r["backend"] == "llamacpp" and r["metric"] == "ppl")
+        assert "buffers" in (run / "report.html").read_text()  # the choice is shown in the report
+    assert buffers["crashing"]["extra_bufts"] is False and "SIGSEGV" in buffers["crashing"]["reason"]
+    assert buffers["here"]["decided_by"] in ("probe", "cache")
+    assert ppl["crashing"] == pytest.approx(ppl["here"], rel=2e-3), ppl

@@ -17,6 +17,8 @@ from harness.adapters.base import CalibrationSet, LinearShape, ModelShapes
 from harness.errors import HarnessError
 from harness.storage import module_bytes
 
+pytestmark = pytest.mark.native  # in-process native code: run in a child pytest (tests/isolation.py)
+
 CPU = torch.device("cpu")
 LIBS = {"bnb": "bitsandbytes", "quanto": "optimum.quanto", "hqq": "hqq.core.quantize"}
 

@@ -17,6 +17,8 @@ from harness.adapters.base import CalibrationSet, LinearShape, ModelShapes
 from harness.artifacts import META, artifact_key, cached_build
 from harness.errors import HarnessError
 
+pytestmark = pytest.mark.native  # in-process native code: run in a child pytest (tests/isolation.py)
+
 CPU = torch.device("cpu")
 SMOL_SHAPES = ModelShapes(linears=(LinearShape("model.layers.0.self_attn.q_proj", 576, 576),
                                    LinearShape("model.layers.0.mlp.down_proj", 1536, 576)))

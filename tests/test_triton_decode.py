@@ -14,6 +14,8 @@ pytest.importorskip("triton")
 from harness.perf import triton_decode  # noqa: E402
 from harness.perf.lean_decode import LeanDecoder, check_against  # noqa: E402
 
+pytestmark = pytest.mark.native  # in-process native code: run in a child pytest (tests/isolation.py)
+
 
 
 def _tiny(arch: str, heads: int, kv_heads: int, hidden: int = 64, head_dim: int | None = None):

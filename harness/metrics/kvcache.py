@@ -62,13 +62,9 @@ def cache_object_bytes(cache) -> int:
 @torch.inference_mode()
 def kv_cache_bytes(qmodel, ids: torch.Tensor) -> int:
     """Bytes of the KV cache after prefilling `ids` (1, N)."""
-    if hasattr(qmodel, "_llama") and hasattr(qmodel, "path"):  # llama.cpp (adapters/llamacpp.py)
-        import llama_cpp
-
-        llm = qmodel._llama(ids.shape[1])
-        llm.reset()
-        llm.eval(ids[0].tolist())
-        return int(llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0))
+    native = qmodel.native_kv_cache_bytes(ids)  # a runtime outside torch (llama.cpp) counts its own
+    if native is not None:
+        return native
     if not hasattr(qmodel.module, "config"):
         raise HarnessError("kv-cache: this model has no transformers cache to measure")
     cache = hf_cache(qmodel)
