@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from harness.models import quiet_libraries
@@ -51,16 +51,20 @@ def run_cell(cell_dir: Path) -> None:
     from harness.adapters.base import CalibrationSet
     from harness.metrics import get_measurement
     from harness.metrics.base import CellContext, MetricValue
+    from harness.metrics.scoring import cell_scorer, declare_reference_windows
     from harness.models import load_model, resolve_model
     from harness.suite import CellSpec
 
+    started = time.time()  # the interpreter is up and torch, transformers and the harness are imported
     cell = CellSpec.model_validate_json((cell_dir / CELL).read_text())
     emit = Emitter(cell_dir)
     device = torch.device(cell.device)
 
     emit.progress(0, 1, "loading model")
+    t0 = time.perf_counter()
     source = resolve_model(cell.model, prepare=False)
     model, tokenizer = load_model(source)
+    load_s = time.perf_counter() - t0
     adapter = get_adapter(cell.backend)
     variant = adapter.parse_variant(cell.variant_params)
 
@@ -96,17 +100,31 @@ def run_cell(cell_dir: Path) -> None:
                                          params={"calibration": calibration.describe() if calibration else None,
                                                  **cache})])
 
+    measure_start = time.perf_counter()
     reference_model = _reference_builder(cell, source, device, spread) if cell.reference else None
+    reference_dir = cell_dir.parent / cell.reference_cell_id if cell.reference_cell_id else None
+    scorer = cell_scorer(qmodel, cell_dir, reference_dir, cell.is_reference, emit.progress)
+    ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model, artifact_dir=cell_dir,
+                      reference_dir=reference_dir, reference_model=reference_model, progress=emit.progress,
+                      is_reference=cell.is_reference, scorer=scorer)
+    measurements = []
     for spec in cell.measurements:
         spec = dict(spec)
         measurement = get_measurement(spec.pop("name"))
-        params = measurement.Params.model_validate(spec)
-        reference_dir = cell_dir.parent / cell.reference_cell_id if cell.reference_cell_id else None
-        ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model, artifact_dir=cell_dir,
-                          reference_dir=reference_dir, reference_model=reference_model, progress=emit.progress)
-        emit.values(measurement.name, measurement.run(ctx, params))
+        measurements.append((measurement, measurement.Params.model_validate(spec)))
+    declare_reference_windows(ctx, measurements)
+    for measurement, params in measurements:
+        t0, before = time.perf_counter(), replace(scorer.stats)
+        values = measurement.run(ctx, params)
+        emit.values(measurement.name, values + measurement_timing(time.perf_counter() - t0, scorer.stats.since(before)))
+    phases = {"startup_s": started - _process_start(), "load_s": load_s, "quantize_s": quantize_s,
+              "measure_s": time.perf_counter() - measure_start}
+    emit.values("timing", [MetricValue(name, value, "s", n=1, protocol="wall clock of the cell's phases (worker process)",
+                                       params={"reference_store_bytes": scorer.record.bytes() if scorer.record else 0})
+                           for name, value in phases.items()])
 
     provenance = {
+        "reference_model_loaded": bool(reference_model and reference_model.built),  # outliers/sensitivity only
         "backend_versions": adapter.versions(),
         "backend_info": qmodel.info,
         "torch_threads": torch.get_num_threads(),
@@ -123,8 +141,10 @@ def run_cell(cell_dir: Path) -> None:
 
 
 def _reference_builder(cell, source, device, spread: bool = False):
-    """A lazy, cached builder of the cell's reference model, for measurements that compare live
-    (e.g. KL divergence needs both models' full distributions on the same tokens)."""
+    """A lazy, cached builder of the cell's reference model, for the measurements that need both
+    models layer by layer (outliers, sensitivity, a sentence encoder without stored vectors);
+    divergence and drift read what the reference cell stored instead. `build.built` says whether
+    it was needed."""
     built = []
 
     def build():
@@ -142,9 +162,34 @@ def _reference_builder(cell, source, device, spread: bool = False):
                 from harness.placement import spread_over_gpus
 
                 spread_over_gpus(built[0], cell.gpus)
+            build.built = True
         return built[0]
 
+    build.built = False
     return build
+
+
+def measurement_timing(seconds: float, stats) -> list:
+    """Where a measurement's time went: its wall time, and the tokens its model read per second
+    (when it scored text through the cell's Scorer)."""
+    from harness.metrics.base import MetricValue
+
+    detail = {"forward_tokens": stats.forward_tokens, "scored_positions": stats.scored, "rows": stats.rows,
+              "rows_from_an_earlier_pass": stats.cached_rows, "scoring_s": round(stats.seconds, 3)}
+    out = [MetricValue("wall_s", seconds, "s", n=1, protocol="wall clock of the measurement in its cell", params=detail)]
+    if stats.forward_tokens:
+        out.append(MetricValue("tokens_per_s", stats.forward_tokens / seconds, "tokens/s", n=stats.forward_tokens,
+                               protocol="tokens read by the model (padding included) / the measurement's wall time",
+                               params=detail))
+    return out
+
+
+def _process_start() -> float:
+    """When this worker process started (epoch seconds): its start-up (interpreter, imports)
+    counts as a phase of the cell."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _die_with_driver() -> None:

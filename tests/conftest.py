@@ -74,3 +74,21 @@ def smollm2_eval_windows(windows: int, seq: int):
     stream = eval_token_stream(tokenizer, "boolq-wiki", windows * seq)
     assert stream.numel() == windows * seq
     return model, tokenizer, stream.view(windows, seq)
+
+
+def measure_against_reference(measurement, params, reference, model, tokenizer, folder: Path):
+    """(reference cell's values, comparing cell's values) of one measurement, the way the worker
+    runs them: the reference cell stores what it records, the comparing cell reads it."""
+    from harness.metrics.base import CellContext
+    from harness.metrics.scoring import cell_scorer, declare_reference_windows
+
+    ref_dir, cell_dir = folder / "reference-cell", folder / "cell"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    ref_ctx = CellContext(qmodel=reference, tokenizer=tokenizer, model_name="reference", artifact_dir=ref_dir,
+                          is_reference=True, scorer=cell_scorer(reference, ref_dir, None, True))
+    declare_reference_windows(ref_ctx, [(measurement, params)])
+    ref_values = measurement.run(ref_ctx, params)
+    ctx = CellContext(qmodel=model, tokenizer=tokenizer, model_name="cell", artifact_dir=cell_dir, reference_dir=ref_dir,
+                      scorer=cell_scorer(model, cell_dir, ref_dir, False))
+    return ref_values, measurement.run(ctx, params)

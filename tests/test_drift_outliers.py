@@ -66,29 +66,30 @@ def test_first_divergence_and_censoring():
 
 
 def test_drift_end_to_end(tiny, tmp_path):
+    from conftest import measure_against_reference
     from harness.metrics.drift import Drift, DriftParams
 
     ref, tokenizer = tiny()
     same, _ = tiny()
     params = DriftParams(seq_len=96, bucket=32, prompts=2, prompt_len=8, new_tokens=6)
-    ctx = CellContext(qmodel=same, tokenizer=tokenizer, model_name="tiny:llama", artifact_dir=tmp_path,
-                      reference_model=lambda: ref)
-    values = Drift().run(ctx, params)
+    ref_values, values = measure_against_reference(Drift(), params, ref, same, tokenizer, tmp_path / "a")
+    assert ref_values == []  # the reference cell stores, it does not compare with itself
+    assert len(list((tmp_path / "a" / "reference-cell").glob("drift-greedy-*.json"))) == 1
     kld = [v for v in values if v.metric == "kld_mean@pos"]
     assert [v.params["pos_lo"] for v in kld] == [0, 32, 64] and [v.n for v in kld] == [31, 32, 32]
-    assert max(v.value for v in kld) < 1e-9
+    assert max(v.value for v in kld) < 1e-4  # the 16-bit stored reference vs the same model
     assert {v.metric: v.value for v in values}["never_diverged_fraction"] == 1.0
     # a model that always predicts one token diverges at once wherever greedy reference does not
     with torch.no_grad():
         same.module.lm_head.weight.zero_()
         same.module.lm_head.weight[5] = 1.0  # tied with the embedding: still a valid model
-    values = Drift().run(ctx, params)
+    _, values = measure_against_reference(Drift(), params, ref, same, tokenizer, tmp_path / "b")
     assert min(v.value for v in values if v.metric == "kld_mean@pos") > 0.01
     assert Drift().run(CellContext(qmodel=ref, tokenizer=tokenizer, model_name="t", artifact_dir=tmp_path), params) == []
     from harness.errors import HarnessError
 
     with pytest.raises(HarnessError, match="exceed the context"):
-        Drift().run(ctx, DriftParams(seq_len=4096))
+        measure_against_reference(Drift(), DriftParams(seq_len=4096), ref, same, tokenizer, tmp_path / "c")
 
 
 def test_activation_stats_by_hand():

@@ -92,7 +92,7 @@ def test_gptq_by_hand(tmp_path, corpus):
     n_win = len(ids) // 16
     nll = [model.nll(ids[w * 16 + i], ids[w * 16 + i + 1]) for w in range(n_win) for i in range(15)]
     assert v["ppl"].n == n_win * 15 and v["ppl"].protocol == "gptq"
-    assert math.isclose(v["ppl"].value, math.exp(np.mean(nll)), rel_tol=1e-12)
+    assert math.isclose(v["ppl"].value, math.exp(np.mean(nll)), rel_tol=1e-6)
 
 
 def test_lm_eval_by_hand(tmp_path, corpus):
@@ -107,10 +107,10 @@ def test_lm_eval_by_hand(tmp_path, corpus):
         n += len(ids)
     total = sum(doc_nll)
     assert v["ppl"].n == n and v["ppl"].protocol == "lm-eval"
-    assert math.isclose(v["ppl"].value, math.exp(total / n), rel_tol=1e-12)
-    assert math.isclose(v["word_perplexity"].value, math.exp(total / sum(words)), rel_tol=1e-12)
-    assert math.isclose(v["byte_perplexity"].value, math.exp(total / sum(nbytes)), rel_tol=1e-12)
-    assert math.isclose(v["bits_per_byte"].value, total / sum(nbytes) / math.log(2), rel_tol=1e-12)
+    assert math.isclose(v["ppl"].value, math.exp(total / n), rel_tol=1e-6)
+    assert math.isclose(v["word_perplexity"].value, math.exp(total / sum(words)), rel_tol=1e-6)
+    assert math.isclose(v["byte_perplexity"].value, math.exp(total / sum(nbytes)), rel_tol=1e-6)
+    assert math.isclose(v["bits_per_byte"].value, total / sum(nbytes) / math.log(2), rel_tol=1e-6)
     assert v["word_perplexity"].n == len(DOCS) and v["word_perplexity"].uncertainty > 0
     assert v["ppl"].params["windows"] > len(DOCS)  # the long document needed several windows
 
@@ -128,7 +128,7 @@ def test_llama_cpp_by_hand(tmp_path, corpus, add_bos):
         # perplexity.cpp: logits at positions n_ctx/2 .. n_ctx-2 predict the next token
         expected += [model.nll(chunk[i], chunk[i + 1]) for i in range(n_ctx // 2, n_ctx - 1)]
     assert v["ppl"].n == len(expected) == (len(tokens) // n_ctx) * (n_ctx - 1 - n_ctx // 2)
-    assert math.isclose(v["ppl"].value, math.exp(np.mean(expected)), rel_tol=1e-12)
+    assert math.isclose(v["ppl"].value, math.exp(np.mean(expected)), rel_tol=1e-6)
     assert v["ppl"].params["bos"] == (0 if add_bos else None)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 
@@ -31,15 +32,28 @@ class MetricValue:
 
 @dataclass
 class CellContext:
-    """What a measurement may use. `progress(done, total, what)` feeds the driver's progress bar."""
+    """What a measurement may use. `progress(done, total, what)` feeds the driver's progress bar.
+    `scorer` (harness.metrics.scoring.Scorer) scores text on the cell's model and is shared by
+    the cell's measurements; `is_reference`: this cell is its model's reference (it stores what
+    comparing cells read: per-token NLLs, reference log-probabilities, greedy continuations)."""
 
     qmodel: Any  # adapters.base.QuantizedModel
     tokenizer: Any
     model_name: str
     artifact_dir: Path
     reference_dir: Path | None = None  # the reference cell's artifacts (absent if it has not run)
-    reference_model: Callable[[], Any] | None = None  # builds the reference QuantizedModel (cached)
+    # builds the reference QuantizedModel (cached): only for measurements that need both models
+    # layer by layer (outliers, sensitivity); everything else reads what the reference cell stored
+    reference_model: Callable[[], Any] | None = None
     progress: Callable[[int, int, str], None] = lambda done, total, what: None
+    is_reference: bool = False
+    scorer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.scorer is None:
+            from harness.metrics.scoring import Scorer
+
+            self.scorer = Scorer(self.qmodel, self.progress)
 
 
 class Measurement(ABC):
@@ -50,3 +64,8 @@ class Measurement(ABC):
 
     @abstractmethod
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]: ...
+
+    def reference_windows(self, ctx: CellContext, params: MeasurementParams) -> torch.Tensor | None:
+        """Token windows (n, S) whose reference log-probabilities comparing cells will read: the
+        reference cell records them in whichever of its measurements scores them first."""
+        return None

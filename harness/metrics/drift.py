@@ -1,14 +1,15 @@
 """Long-sequence drift: does quantization error grow with context position, and how soon does
 free-running generation leave the reference's path?
 
-Teacher-forced: both models read the same windows of `seq_len` tokens; per predicted token the
-KL(P_ref || P_q) and top-1 agreement of `harness.metrics.divergence.token_divergence`, pooled
-into position buckets of `bucket` tokens. A predicted token's position is its index in the window
+Teacher-forced: both models read the same windows of `seq_len` tokens (the reference's
+log-probabilities stored by the reference cell, as for `divergence`); per predicted token the
+KL(P_ref || P_q) and top-1 agreement, pooled into position buckets of `bucket` tokens. A predicted token's position is its index in the window
 (1 .. seq_len-1), so the first bucket [0, bucket) holds bucket-1 tokens.
 
 Free-running: greedy decoding (`module.generate(do_sample=False, **qmodel.generate_kwargs)`;
 models without a torch `generate`, e.g. llama.cpp, decode greedily through their logits) from
-the same prompts with both models; the first generated position whose token differs (or where
+the same prompts with both models (the reference cell stores its continuations in
+`drift-greedy-<key>.json`); the first generated position whose token differs (or where
 only one model stopped) is that prompt's divergence point. A prompt that never diverges within
 `new_tokens` is censored at `new_tokens`: percentiles count it there, and the fraction of such
 prompts is reported on its own.
@@ -19,6 +20,8 @@ per-slice values that stay out of the cell table)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -27,7 +30,8 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
-from harness.metrics.divergence import token_divergence
+from harness.metrics.divergence import STORED, token_divergence
+from harness.metrics.scoring import BatchTokens
 
 FIRST_DIVERGENCE_PERCENTILES = (10, 25, 50, 75, 90)
 CHUNK = 256  # positions per KLD chunk: float64 log-softmax over the vocabulary is large
@@ -41,10 +45,12 @@ class DriftParams(MeasurementParams):
     prompts: int = Field(4, ge=0, description="free-running prompts (0: no generation)")
     prompt_len: int = Field(32, gt=0)
     new_tokens: int = Field(64, gt=0)
+    batch_tokens: BatchTokens = Field("auto", description="padded tokens per forward pass ('auto': sized to the device)")
 
 
 def positional_divergence(ref_logits: torch.Tensor, q_logits: torch.Tensor, ids: torch.Tensor):
-    """(kld, agree) of shape (batch, seq-1), position t-1 holding the prediction of token t;
+    """(kld, agree) of shape (batch, seq-1), position t-1 holding the prediction of token t, from
+    both models' logits in float64 (the plain definition; runs use the stored reference);
     computed in chunks of positions so a long window never needs the whole float64 vocabulary."""
     seq = ids.shape[1]
     klds, agrees = [], []
@@ -132,47 +138,73 @@ class Drift(Measurement):
     name = "drift"
     Params = DriftParams
 
-    def run(self, ctx: CellContext, params: DriftParams) -> list[MetricValue]:
+    def _stream(self, ctx: CellContext, params: DriftParams) -> torch.Tensor:
         from harness.data import eval_token_stream
 
-        if ctx.reference_model is None:
-            return []  # the reference cell itself, or a suite without a reference
         context = model_context(ctx.qmodel)
         longest = max(params.seq_len, params.prompt_len + params.new_tokens)
         if context and longest > context:
             raise HarnessError(f"drift: {longest} tokens exceed the context of {ctx.model_name} ({context}); lower seq_len")
         need = max(params.seq_len * params.max_windows, params.prompts * params.prompt_len)
-        stream = eval_token_stream(ctx.tokenizer, params.corpus, need)
+        return eval_token_stream(ctx.tokenizer, params.corpus, need)
+
+    def reference_windows(self, ctx: CellContext, params: DriftParams) -> torch.Tensor:
+        stream = self._stream(ctx, params)
         n_windows = min(params.max_windows, stream.numel() // params.seq_len)
         if n_windows == 0:
             raise HarnessError(f"drift: corpus '{params.corpus}' has fewer than {params.seq_len} tokens")
-        reference = ctx.reference_model()
-        detail = {**params.model_dump(), "windows": n_windows,
+        return stream[: n_windows * params.seq_len].view(n_windows, params.seq_len)
+
+    def _prompts(self, ctx: CellContext, params: DriftParams) -> list[torch.Tensor]:
+        stream = self._stream(ctx, params)
+        prompts = [stream[k * params.prompt_len:(k + 1) * params.prompt_len][None] for k in range(params.prompts)]
+        if any(p.shape[1] < params.prompt_len for p in prompts):
+            raise HarnessError(f"drift: corpus '{params.corpus}' has too few tokens for {params.prompts} prompts")
+        return prompts
+
+    @staticmethod
+    def _greedy_file(prompts: list[torch.Tensor], params: DriftParams, eos: int | None) -> str:
+        key = hashlib.sha1(json.dumps([[p[0].tolist() for p in prompts], params.new_tokens, eos]).encode()).hexdigest()
+        return f"drift-greedy-{key[:16]}.json"
+
+    def run(self, ctx: CellContext, params: DriftParams) -> list[MetricValue]:
+        if ctx.reference_dir is None and not ctx.is_reference:
+            return []  # a suite without a reference
+        windows = self.reference_windows(ctx, params)
+        prompts = self._prompts(ctx, params)
+        eos = getattr(ctx.tokenizer, "eos_token_id", None)
+        greedy_file = self._greedy_file(prompts, params, eos)
+        steps = 1 + len(prompts)
+        if ctx.is_reference:  # store what comparing cells read: log-probabilities, greedy continuations
+            ctx.scorer.windows(windows, 0, params.batch_tokens, "drift windows (reference)")
+            continuations = []
+            for k, prompt in enumerate(prompts):
+                tokens, how = greedy(ctx.qmodel, prompt, params.new_tokens, eos)
+                continuations.append({"tokens": tokens, "decoding": how})
+                ctx.progress(2 + k, steps, "drift generation (reference)")
+            (ctx.artifact_dir / greedy_file).write_text(json.dumps({"new_tokens": params.new_tokens, "eos": eos,
+                                                                    "continuations": continuations}))
+            return []
+        detail = {**params.model_dump(), "windows": int(windows.shape[0]), "reference": STORED,
                   "reference_cell": ctx.reference_dir.name if ctx.reference_dir else None}
-        steps = n_windows + params.prompts
-        klds, agrees = [], []
-        for i in range(n_windows):
-            w = stream[i * params.seq_len:(i + 1) * params.seq_len][None]
-            kld, agree = positional_divergence(reference.logits(w).cpu(), ctx.qmodel.logits(w).cpu(), w)
-            klds.append(kld)
-            agrees.append(agree)
-            ctx.progress(i + 1, steps, "drift windows")
-        kld = torch.cat(klds).numpy()
+        scores = ctx.scorer.windows(windows, 0, params.batch_tokens, "drift windows", need_reference=True)
+        kld = np.stack([s.kld for s in scores])
         if not np.isfinite(kld).all():
             raise HarnessError(f"drift: {int((~np.isfinite(kld)).sum())} non-finite token KLDs (model output inf/nan)")
-        out = bucket_values(kld, torch.cat(agrees).numpy(), params.bucket, detail)
+        out = bucket_values(kld, np.stack([s.top1 for s in scores]), params.bucket, detail)
+        ctx.progress(1, steps, "drift windows")
 
-        if params.prompts:
-            eos = getattr(ctx.tokenizer, "eos_token_id", None)
+        if prompts:
+            stored = ctx.reference_dir / greedy_file
+            if not stored.is_file():
+                raise HarnessError(f"drift: the reference cell stored no greedy continuations for these prompts "
+                                   f"({stored}); did it run with the same drift parameters?")
+            reference = json.loads(stored.read_text())["continuations"]
             positions, how = [], set()
-            for k in range(params.prompts):
-                prompt = stream[k * params.prompt_len:(k + 1) * params.prompt_len][None]
-                if prompt.shape[1] < params.prompt_len:
-                    raise HarnessError(f"drift: corpus '{params.corpus}' has too few tokens for {params.prompts} prompts")
-                ref_tokens, how_ref = greedy(reference, prompt, params.new_tokens, eos)
+            for k, prompt in enumerate(prompts):
                 q_tokens, how_q = greedy(ctx.qmodel, prompt, params.new_tokens, eos)
-                how |= {how_ref, how_q}
-                positions.append(first_divergence(ref_tokens, q_tokens, params.new_tokens))
-                ctx.progress(n_windows + k + 1, steps, "drift generation")
+                how |= {reference[k]["decoding"], how_q}
+                positions.append(first_divergence(reference[k]["tokens"], q_tokens, params.new_tokens))
+                ctx.progress(2 + k, steps, "drift generation")
             out += generation_values(positions, params.new_tokens, {**detail, "decoding": sorted(how)})
         return out

@@ -37,6 +37,7 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.scoring import BatchTokens, Row
 
 Protocol = Literal["gptq", "lm-eval", "llama.cpp"]
 DEFAULT_SEQ_LEN: dict[str, int] = {"gptq": 2048, "lm-eval": 2048, "llama.cpp": 512}
@@ -50,14 +51,15 @@ class PerplexityParams(MeasurementParams):
         None, gt=0,
         description="cap (None: the whole corpus): gptq windows, llama.cpp chunks; lm-eval: whole documents up to "
                     "seq_len * max_windows tokens")
-    batch_size: int = Field(1, gt=0)
+    batch_tokens: BatchTokens = Field("auto", description="padded tokens per forward pass ('auto': sized to the device)")
 
     def resolved_seq_len(self) -> int:
         return self.seq_len or DEFAULT_SEQ_LEN[self.protocol]
 
 
 def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """NLL of ids[:, 1:] under logits[:, :-1], shape (batch, seq-1), float64."""
+    """NLL of ids[:, 1:] under logits[:, :-1], shape (batch, seq-1), float64 on the host: the
+    plain definition, kept as the check of the device scorer (harness/metrics/scoring.py)."""
     logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
     return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
@@ -87,14 +89,11 @@ def _sha1(*arrays) -> str:
     return h.hexdigest()
 
 
-def _score_windows(ctx: CellContext, windows: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
-    """token_nll of each row of `windows` (n, seq), batched: (n, seq-1) float64."""
-    out = []
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        out.append(token_nll(ctx.qmodel.logits(batch).cpu(), batch))
-        ctx.progress(min(start + batch_size, windows.shape[0]), windows.shape[0], what)
-    return torch.cat(out)
+def _window_nll(ctx: CellContext, windows: torch.Tensor, first_scored: int, params: PerplexityParams,
+                what: str) -> np.ndarray:
+    """NLL of every scored token of every window, window after window (float64)."""
+    scores = ctx.scorer.windows(windows, first_scored, params.batch_tokens, what)
+    return np.concatenate([s.nll for s in scores])
 
 
 def _gptq(ctx: CellContext, params: PerplexityParams) -> Scored:
@@ -107,7 +106,7 @@ def _gptq(ctx: CellContext, params: PerplexityParams) -> Scored:
     if n_windows == 0:
         raise HarnessError(f"corpus '{params.corpus}' has {stream.numel()} tokens, fewer than one window of {seq_len}")
     windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
-    nll = _score_windows(ctx, windows, params.batch_size, "perplexity windows").flatten().numpy()
+    nll = _window_nll(ctx, windows, 0, params, "perplexity windows")
     return Scored(nll, hashlib.sha1(windows.numpy().tobytes()).hexdigest(), {"windows": n_windows})
 
 
@@ -127,28 +126,6 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_seq_len: int) -> l
         pairs.append((tokens[end - max_seq_len - 1 : end - 1], tokens[end - n_pred : end]))
         predicted += n_pred
     return [(ctx_[: len(ctx_) - (len(cont) - 1)], cont) for ctx_, cont in pairs]
-
-
-def _score_continuations(ctx: CellContext, rows: list[tuple[list[int], list[int]]], batch_size: int,
-                         what: str) -> list[np.ndarray]:
-    """NLL (float64) of each continuation given its input row (context + continuation minus the last
-    token; the continuation is scored from the last len(cont) logits). Rows of a batch are
-    right-padded: a causal model's logits at real positions never see the padding."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out: list[np.ndarray] = [np.empty(0)] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(rows[i][0]) for i in idx)
-        batch = torch.zeros(len(idx), width, dtype=torch.long)
-        for j, i in enumerate(idx):
-            batch[j, : len(rows[i][0])] = torch.tensor(rows[i][0])
-        logp = F.log_softmax(ctx.qmodel.logits(batch).cpu().double(), dim=-1)
-        for j, i in enumerate(idx):
-            row, cont = rows[i]
-            cont_lp = logp[j, len(row) - len(cont) : len(row)]
-            out[i] = -cont_lp.gather(-1, torch.tensor(cont)[:, None]).squeeze(-1).numpy()
-        ctx.progress(min(start + batch_size, len(order)), len(order), what)
-    return out
 
 
 def count_words(doc: str) -> int:
@@ -184,7 +161,7 @@ def _lm_eval(ctx: CellContext, params: PerplexityParams) -> Scored:
         all_ids.append(ids)
     rows = [(k, (context + cont)[-(seq_len + 1):][:-1], cont)
             for k, ids in enumerate(all_ids) for context, cont in rolling_windows(ids, prefix, seq_len)]
-    scored = _score_continuations(ctx, [(r, c) for _, r, c in rows], params.batch_size, "perplexity windows")
+    scored = [s.nll for s in ctx.scorer.rows([Row.of(r, c) for _, r, c in rows], params.batch_tokens, "perplexity windows")]
     n_windows = len(rows)
     nll = np.concatenate(scored)  # rows are in document order, windows in text order
     doc_nll = np.bincount([k for k, _, _ in rows], weights=[part.sum() for part in scored], minlength=len(docs))
@@ -240,7 +217,7 @@ def _llama_cpp(ctx: CellContext, params: PerplexityParams) -> Scored:
     if chunks.shape[0] == 0:
         raise HarnessError(f"corpus '{params.corpus}' has fewer tokens than one llama.cpp chunk of {n_ctx}")
     first = n_ctx // 2
-    nll = _score_windows(ctx, chunks, params.batch_size, "perplexity chunks")[:, first:].flatten().numpy()
+    nll = _window_nll(ctx, chunks, first, params, "perplexity chunks")
     return Scored(nll, hashlib.sha1(chunks.numpy().tobytes()).hexdigest(),
                   {"chunks": int(chunks.shape[0]), "bos": bos, "first_scored": first})
 

@@ -8,8 +8,8 @@ follows lm-eval's `_encode_pair` (trailing context spaces move to the continuati
 tokenized whole and split at the context's length), no special tokens, inputs left-truncated to
 `max_length`. Choices are batched by length with right padding (a causal model's logits at real
 positions never see the padding); choices with the same model input (single-token answers) share
-one forward pass, longer ones recompute their shared context, since the QuantizedModel contract
-exposes only full-sequence logits (no KV cache to reuse).
+one forward pass, longer ones recompute their shared context (no KV cache is reused); only the
+continuation's positions go through the output head.
 
 Standard errors are binomial (sample standard deviation of the 0/1 outcomes / sqrt(n), as
 lm-eval). Metrics are named `<metric>@<task>` (acc@hellaswag, acc_norm@hellaswag, ppl@lambada):
@@ -26,12 +26,11 @@ import math
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.scoring import BatchTokens, Row
 from harness.metrics.task_data import TASKS, Item, parse_task, subset
 
 PROTOCOL = "loglikelihood (lm-eval prompt formats)"
@@ -41,7 +40,7 @@ class TasksParams(MeasurementParams):
     tasks: tuple[str, ...] = ("hellaswag", "arc_easy", "piqa")  # 'mmlu:5' = 5-shot
     limit: int | None = Field(200, gt=0, description="items per task, a fixed hash-ordered subset (None: all)")
     max_length: int = Field(2048, gt=1, description="tokens per scored sequence (longer ones are left-truncated)")
-    batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward pass")
+    batch_tokens: BatchTokens = Field("auto", description="padded tokens per forward pass ('auto': sized to the device)")
 
     @field_validator("tasks")
     @classmethod
@@ -68,36 +67,16 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 def score_requests(ctx: CellContext, requests: list[tuple[list[int], list[int]]], max_length: int,
-                   batch_tokens: int, what: str) -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) of each (context ids, continuation ids). Requests whose model
-    input is identical (single-token continuations of one context: MMLU letters, BoolQ yes/no)
-    share one forward pass, as lm-eval's grouping does."""
+                   batch_tokens: BatchTokens, what: str) -> list[tuple[float, bool]]:
+    """(log-likelihood, is_greedy) of each (context ids, continuation ids), scored on the model's
+    device (harness/metrics/scoring.py). Requests whose model input is identical (single-token
+    continuations of one context: MMLU letters, BoolQ yes/no) share one forward pass, as
+    lm-eval's grouping does."""
     longest = max((len(t) for _, t in requests), default=0)
     if longest > max_length:
         raise HarnessError(f"a continuation of {longest} tokens is longer than max_length={max_length}")
-    rows = [((c + t)[-(max_length + 1):][:-1], t) for c, t in requests]
-    unique: dict[tuple[int, ...], list[int]] = {}
-    for i, (row, _) in enumerate(rows):
-        unique.setdefault(tuple(row), []).append(i)
-    inputs = sorted(unique, key=len, reverse=True)
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    start = 0
-    while start < len(inputs):
-        width = len(inputs[start])
-        chunk = inputs[start : start + max(1, batch_tokens // width)]
-        batch = torch.zeros(len(chunk), width, dtype=torch.long)
-        for j, row in enumerate(chunk):
-            batch[j, : len(row)] = torch.tensor(row)
-        logits = ctx.qmodel.logits(batch).cpu()
-        for j, row in enumerate(chunk):
-            for i in unique[row]:
-                cont = rows[i][1]
-                lp = F.log_softmax(logits[j, len(row) - len(cont) : len(row)].double(), dim=-1)  # scored positions only
-                target = torch.tensor(cont)
-                out[i] = (float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
-        start += len(chunk)
-        ctx.progress(start, len(inputs), what)
-    return out
+    rows = [Row.of((c + t)[-(max_length + 1):][:-1], t) for c, t in requests]
+    return [(-float(s.nll.sum()), bool(s.greedy.all())) for s in ctx.scorer.rows(rows, batch_tokens, what)]
 
 
 def item_outcomes(items: list[Item], scores: list[tuple[float, bool]], greedy: bool) -> dict[str, list]:

@@ -1,0 +1,421 @@
+"""Scoring token sequences where the model runs: per-token NLL, greedy match and, against a stored
+reference, KL divergence, top-1 agreement and delta-p, computed on the model's device in float32;
+only per-token vectors come back to the host.
+
+A `Row` is what the model reads (`ids`) and what its last len(targets) positions predict. A
+perplexity window w is Row(w[:-1], w[1:]) (a llama.cpp chunk scores only its second half); a
+continuation c of a context x is Row((x + c)[:-1], c). Rows are sorted by length and packed into
+batches of at most `batch_tokens` padded tokens (right padding: a causal model's real positions
+never see it). Only the scored positions go through the output head, in chunks of at most
+`HEAD_BYTES` (64 MB) of float32 logits, so scoring needs at most ~256 MB beside the model's own
+activations whatever the vocabulary and context (a 128k vocabulary at 8k context would be 4 GB
+of float32 logits taken whole). Where the head cannot be split off
+the model (a runtime without modules, like llama.cpp, or a head with extra arithmetic), the full
+logits are taken and the same chunking applies to them.
+
+The reference cell records, for every window it scores, its log-probabilities over the whole
+vocabulary, quantized per position to 16 bits between that position's minimum and maximum
+(llama.cpp's --kl-divergence-base format: about 2 bytes a vocabulary entry, so 98 KB a position
+at SmolLM2's 49,152 tokens), plus its exact log-probability of the target and its argmax.
+Comparing cells read them instead of running the reference model again: KL(P_ref || P_q) over the
+full vocabulary, top-1 agreement and delta-p. A top-k store would be 100-200x smaller but on the
+embedded model the top 64 entries leave 12% of the reference's probability outside, and the
+one-bucket tail term then underestimates mean KLD by 14-20% (benchmarks/results/reference-store/
+measures both); the 16-bit store is within 0.1% of the live float64 KLD there."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError
+
+HEAD_BYTES = 64 * 2**20  # float32 logits per head chunk (a chunk holds up to 4 such temporaries)
+CPU_BATCH_TOKENS = 4096  # 'auto' on CPU: bigger batches gained nothing on 2 cores (docs/QUALITY.md)
+MAX_BATCH_TOKENS = 65536  # 'auto' on a GPU: at most this many padded tokens a batch
+REFERENCE_FOLDER = "reference-logprobs"
+BatchTokens = int | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class Row:
+    ids: torch.Tensor  # (L,) int64: what the model reads
+    targets: torch.Tensor  # (m,) int64, m <= L: the tokens its last m positions predict
+
+    @staticmethod
+    def of(ids: Sequence[int] | torch.Tensor, targets: Sequence[int] | torch.Tensor) -> Row:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        if not 0 < targets.numel() <= ids.numel():
+            raise HarnessError(f"a scored row needs 1..{ids.numel()} targets, got {targets.numel()}")
+        return Row(ids, targets)
+
+
+def window_row(window: torch.Tensor, first_scored: int = 0) -> Row:
+    """The row that scores window[first_scored + 1:] from the window's own tokens."""
+    return Row.of(window[:-1], window[first_scored + 1:])
+
+
+def row_key(row: Row) -> str:
+    """Identity of a row: its tokens and which of them are scored."""
+    h = hashlib.sha1(row.ids.numpy().astype(np.int64).tobytes())
+    h.update(row.targets.numpy().astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class RowScores:
+    """Per scored position of one row."""
+
+    nll: np.ndarray  # float64: -log p(target)
+    greedy: np.ndarray  # bool: the model's argmax is the target
+    kld: np.ndarray | None = None  # float64, vs the stored reference (see the module docstring)
+    top1: np.ndarray | None = None  # bool: argmax equals the reference's
+    delta_p: np.ndarray | None = None  # float64: p(target) - p_ref(target)
+
+
+@dataclass
+class ReferenceRow:
+    """The reference's distribution at each scored position of a row: log p = lo + codes * step."""
+
+    codes: np.ndarray  # (m, V) uint16
+    lo: np.ndarray  # (m,) float32: the smallest log-probability of the position
+    step: np.ndarray  # (m,) float32: (largest - smallest) / 65535
+    target_logp: np.ndarray  # (m,) float32, exact
+    argmax: np.ndarray  # (m,) int64, exact
+
+
+class ReferenceStore:
+    """The reference cell's log-probabilities per scored row, one small .npz each, in
+    `<cell folder>/reference-logprobs/` (keyed by row_key); comparing cells read them."""
+
+    def __init__(self, cell_dir: Path):
+        self.folder = Path(cell_dir) / REFERENCE_FOLDER
+
+    def has(self, key: str) -> bool:
+        return (self.folder / f"{key}.npz").is_file()
+
+    def get(self, key: str) -> ReferenceRow | None:
+        path = self.folder / f"{key}.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            return ReferenceRow(z["codes"], z["lo"], z["step"], z["target_logp"], z["argmax"])
+
+    def put(self, key: str, ref: ReferenceRow) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{key}.tmp.npz"
+        np.savez(tmp, codes=ref.codes, lo=ref.lo, step=ref.step, target_logp=ref.target_logp, argmax=ref.argmax)
+        tmp.replace(self.folder / f"{key}.npz")
+        meta = self.folder / "README.json"
+        if not meta.exists():
+            meta.write_text(json.dumps({"format": "per scored row (harness/metrics/scoring.py): log p over the vocabulary "
+                                                  "= lo + codes * step (uint16 codes per position), exact target "
+                                                  "log-probability and argmax", "vocabulary": int(ref.codes.shape[1])}))
+
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("*.npz")) if self.folder.is_dir() else 0
+
+
+# -- where the logits come from ------------------------------------------------------------------------------
+
+class Head:
+    """Forward to features, then logits only where scored. `split`: features are the final hidden
+    states and `head` the output layer (checked once against the model's own logits); otherwise
+    features are the model's logits and `head` is the identity."""
+
+    def __init__(self, qmodel):
+        self.qmodel = qmodel
+        self.split = _split_head(qmodel)
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.split is None:
+            return self.qmodel.logits(ids)
+        decoder, _ = self.split
+        out = decoder(input_ids=ids.to(self.qmodel.device), use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return (features if self.split is None else self.split[1](features)).float()
+
+
+def _split_head(qmodel) -> tuple[Callable, Callable] | None:
+    """(decoder, output layer) of a transformers causal LM whose logits are exactly
+    output_layer(decoder(ids)) (checked on 8 tokens), else None."""
+    module = getattr(qmodel, "module", None)
+    get_decoder = getattr(module, "get_decoder", None)
+    get_head = getattr(module, "get_output_embeddings", None)
+    if not (callable(get_decoder) and callable(get_head)) or type(qmodel).logits is not _base_logits():
+        return None
+    try:
+        decoder, head = get_decoder(), get_head()
+        if decoder is None or head is None:
+            return None
+        vocab = head.weight.shape[0] if hasattr(head, "weight") and head.weight.dim() == 2 else 8
+        probe = (torch.arange(8) * 7 % max(vocab - 1, 1) + 1)[None]
+        with torch.inference_mode():
+            whole = qmodel.logits(probe)
+            out = decoder(input_ids=probe.to(qmodel.device), use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            parts = head(hidden).float()
+        tol = 1e-4 if whole.dtype == torch.float32 and next(module.parameters()).dtype == torch.float32 else 2e-2
+        if parts.shape != whole.shape or not torch.allclose(parts, whole, rtol=tol, atol=tol * whole.abs().max().item()):
+            return None
+        return decoder, head
+    except Exception:  # noqa: BLE001 - any doubt: take the model's own logits
+        return None
+
+
+def _base_logits():
+    from harness.adapters.base import QuantizedModel
+
+    return QuantizedModel.logits
+
+
+# -- the scorer ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ScoreStats:
+    """What a scorer did, summed over its calls (the worker reads it per measurement)."""
+
+    rows: int = 0
+    forward_tokens: int = 0  # padded tokens the model read
+    scored: int = 0  # positions scored
+    cached_rows: int = 0  # rows answered from an earlier measurement's pass
+    seconds: float = 0.0
+
+    def since(self, before: ScoreStats) -> ScoreStats:
+        return ScoreStats(*(getattr(self, f) - getattr(before, f) for f in ("rows", "forward_tokens", "scored",
+                                                                              "cached_rows", "seconds")))
+
+
+class Scorer:
+    """One per cell, shared by its measurements: scores rows on the cell's model; remembers the
+    windows it scored (a window two measurements use is read once); in the reference cell records
+    the reference log-probabilities of the windows in `record_keys`; in the others compares every
+    row the reference stored against it, whichever measurement scores it first."""
+
+    def __init__(self, qmodel, progress: Callable[[int, int, str], None] = lambda d, t, w: None,
+                 record: ReferenceStore | None = None, reference: ReferenceStore | None = None,
+                 record_keys: set[str] | None = None):
+        self.qmodel = qmodel
+        self.progress = progress
+        self.record = record
+        self.record_keys = record_keys if record_keys is not None else set()
+        self.reference = reference
+        self.stats = ScoreStats()
+        self._head: Head | None = None
+        self._cache: dict[str, RowScores] = {}
+
+    @property
+    def head(self) -> Head:
+        if self._head is None:
+            self._head = Head(self.qmodel)
+        return self._head
+
+    def windows(self, windows: torch.Tensor, first_scored: int = 0, batch_tokens: BatchTokens = "auto",
+                what: str = "windows", need_reference: bool = False) -> list[RowScores]:
+        """Scores of each window (n, S): tokens first_scored+1 .. S-1, cached by content. With
+        need_reference, every window must have stored reference log-probabilities (KLD etc.)."""
+        return self.rows([window_row(w, first_scored) for w in windows], batch_tokens, what, need_reference)
+
+    def rows(self, rows: list[Row], batch_tokens: BatchTokens = "auto", what: str = "rows",
+             need_reference: bool = False) -> list[RowScores]:
+        """Scores of each row, in order (cached by content, so asking again costs nothing)."""
+        keys = [row_key(r) for r in rows]
+        has_ref = [self.reference is not None and self.reference.has(k) for k in keys]
+        if need_reference and not all(has_ref):
+            where = self.reference.folder if self.reference else "no reference cell"
+            raise HarnessError(f"{what}: the reference stored no log-probabilities for {has_ref.count(False)} of "
+                               f"{len(rows)} rows ({where}); the reference cell records them (did it run, on these "
+                               "windows? with --reference-from: the same corpus and windows)")
+        out: list[RowScores | None] = [None] * len(rows)
+        todo = []
+        for i, key in enumerate(keys):
+            hit = self._cache.get(key)
+            if hit is not None and (not has_ref[i] or hit.kld is not None):
+                out[i] = hit
+                self.stats.cached_rows += 1
+            else:
+                todo.append(i)
+        t0 = time.perf_counter()
+        for done, (i, scores) in enumerate(self._score(rows, todo, keys, has_ref, batch_tokens), 1):
+            out[i] = self._cache[keys[i]] = scores
+            self.progress(done, len(todo), what)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.rows += len(rows)
+        return out  # type: ignore[return-value]
+
+    # -- batching -------------------------------------------------------------------------------------
+    def budget(self, batch_tokens: BatchTokens) -> int:
+        """Padded tokens a batch may hold: as asked, or 'auto' (CPU: CPU_BATCH_TOKENS; GPU: half the
+        free memory over a per-token activation estimate, at most MAX_BATCH_TOKENS)."""
+        if batch_tokens != "auto":
+            return int(batch_tokens)
+        device = torch.device(getattr(self.qmodel, "device", "cpu"))
+        if device.type != "cuda":
+            return CPU_BATCH_TOKENS
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(512, min(MAX_BATCH_TOKENS, free * 0.5 / _bytes_per_token(self.qmodel))))
+
+    def _score(self, rows: list[Row], todo: list[int], keys: list[str], has_ref: list[bool], batch_tokens: BatchTokens):
+        """Yields (row index, RowScores) for the rows in `todo`. Rows that read the same tokens
+        (single-token answers of one question) share one sequence of the batch; sequences go
+        longest first, packed by the budget; on a device out-of-memory the budget halves and the
+        batch is tried again."""
+        budget = self.budget(batch_tokens)
+        inputs: dict[bytes, list[int]] = {}
+        for i in todo:
+            inputs.setdefault(rows[i].ids.numpy().tobytes(), []).append(i)
+        order = sorted(inputs.values(), key=lambda users: -rows[users[0]].ids.numel())
+        start = 0
+        while start < len(order):
+            width = rows[order[start][0]].ids.numel()
+            batch = order[start : start + max(1, budget // width)]
+            try:
+                results = list(self._batch(rows, batch, keys, has_ref))
+            except torch.cuda.OutOfMemoryError:
+                if len(batch) == 1:
+                    raise HarnessError(f"out of device memory scoring one row of {width} tokens") from None
+                budget = max(width, budget // 2)
+                _free_device_memory(getattr(self.qmodel, "device", "cpu"))
+                continue
+            yield from results
+            start += len(batch)
+
+    @torch.inference_mode()
+    def _batch(self, rows: list[Row], batch: list[list[int]], keys: list[str], has_ref: list[bool]):
+        width = rows[batch[0][0]].ids.numel()
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        users, flat_pos, targets = [], [], []
+        for b, sharing in enumerate(batch):
+            n = rows[sharing[0]].ids.numel()
+            ids[b, :n] = rows[sharing[0]].ids
+            for i in sharing:
+                m = rows[i].targets.numel()
+                users.append(i)
+                flat_pos.append(torch.arange(n - m, n) + b * width)
+                targets.append(rows[i].targets)
+        spans = [rows[i].targets.numel() for i in users]
+        refs = [self.reference.get(keys[i]) if has_ref[i] else None for i in users]
+        record = self.record is not None and any(keys[i] in self.record_keys for i in users)
+        features = self.head.features(ids)
+        device = features.device
+        flat = features.reshape(len(batch) * width, -1)
+        pos = torch.cat(flat_pos).to(device)
+        tgt = torch.cat(targets).to(device)
+        ref = _stack_reference(refs, spans)
+        vocab = flat.shape[1] if self.head.split is None else _vocab(self.head)
+        chunk = max(1, HEAD_BYTES // (4 * max(vocab, 1)))
+        parts: dict[str, list[torch.Tensor]] = {}
+        for lo in range(0, pos.numel(), chunk):
+            hi = min(lo + chunk, pos.numel())
+            logits = self.head.logits(flat.index_select(0, pos[lo:hi]))
+            ref_chunk = None if ref is None else {k: torch.from_numpy(v[lo:hi]).to(device) for k, v in ref.items()}
+            for name, value in _position_stats(logits, tgt[lo:hi], record, ref_chunk).items():
+                parts.setdefault(name, []).append(value.cpu())
+        host = {name: torch.cat(v) for name, v in parts.items()}
+        self.stats.forward_tokens += len(batch) * width
+        self.stats.scored += int(pos.numel())
+        lo = 0
+        for i, m, r in zip(users, spans, refs):
+            sl = slice(lo, lo + m)
+            lo += m
+            scores = RowScores(host["nll"][sl].double().numpy(), host["greedy"][sl].numpy())
+            if r is not None:
+                scores.kld, scores.top1 = host["kld"][sl].numpy(), host["top1"][sl].numpy()
+                scores.delta_p = host["delta_p"][sl].numpy()
+            if record and keys[i] in self.record_keys:
+                self.record.put(keys[i], ReferenceRow(host["codes"][sl].numpy(), host["lo"][sl].float().numpy(),
+                                                      host["step"][sl].float().numpy(), (-host["nll"][sl]).float().numpy(),
+                                                      host["argmax"][sl].numpy()))
+            yield i, scores
+
+
+def cell_scorer(qmodel, cell_dir: Path, reference_dir: Path | None, is_reference: bool,
+                progress: Callable[[int, int, str], None] = lambda d, t, w: None) -> Scorer:
+    """The scorer of one cell: the reference cell records into its own folder, the others read
+    the reference cell's folder."""
+    return Scorer(qmodel, progress, record=ReferenceStore(cell_dir) if is_reference else None,
+                  reference=ReferenceStore(reference_dir) if reference_dir is not None else None)
+
+
+def declare_reference_windows(ctx, measurements) -> None:
+    """In the reference cell: the windows its measurements say comparing cells will read
+    (`Measurement.reference_windows`), recorded by whichever pass scores them first."""
+    if ctx.scorer.record is None:
+        return
+    for measurement, params in measurements:
+        windows = measurement.reference_windows(ctx, params)
+        ctx.scorer.record_keys |= {row_key(window_row(w)) for w in (windows if windows is not None else [])}
+
+
+def _position_stats(logits: torch.Tensor, targets: torch.Tensor, record: bool, ref: dict | None) -> dict[str, torch.Tensor]:
+    """Per position, from float32 logits (N, V): nll, greedy, the reference entries to record
+    (reference cell), or the divergence from the stored reference."""
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(-1, targets[:, None]).squeeze(-1)
+    nll = lse - target_logit
+    argmax = logits.argmax(-1)
+    out = {"nll": nll, "greedy": argmax == targets, "argmax": argmax}
+    if record:
+        logp = logits - lse[:, None]
+        lo = logp.amin(-1)
+        step = ((logp.amax(-1) - lo) / 65535.0).clamp_min(1e-12)
+        out["codes"] = ((logp - lo[:, None]) / step[:, None]).round_().clamp_(0, 65535).to(torch.int32).to(torch.uint16)
+        out["lo"], out["step"] = lo, step
+    if ref is not None:
+        p_logp = ref["lo"][:, None] + ref["codes"].to(torch.float32) * ref["step"][:, None]
+        p_logp = p_logp - torch.logsumexp(p_logp, dim=-1, keepdim=True)  # renormalize after rounding
+        q_logp = logits - lse[:, None]
+        out["kld"] = (p_logp.exp() * (p_logp - q_logp)).sum(-1).double().clamp_min(0.0)
+        out["top1"] = argmax == ref["argmax"]
+        out["delta_p"] = (-nll.double()).exp() - ref["target_logp"].double().exp()
+    return out
+
+
+def _stack_reference(refs: list[ReferenceRow | None], spans: list[int]) -> dict[str, np.ndarray] | None:
+    """The stored rows of a batch as host arrays over all its scored positions (rows without a
+    reference get a uniform filler whose divergence is computed and dropped)."""
+    if all(r is None for r in refs):
+        return None
+    vocab = next(r for r in refs if r is not None).codes.shape[1]
+    filler = lambda m: ReferenceRow(np.zeros((m, vocab), np.uint16), np.zeros(m, np.float32),  # noqa: E731
+                                    np.ones(m, np.float32), np.zeros(m, np.float32), np.zeros(m, np.int64))
+    refs = [r if r is not None else filler(m) for r, m in zip(refs, spans)]
+    for r, m in zip(refs, spans):
+        if r.target_logp.shape[0] != m:
+            raise HarnessError(f"a stored reference row has {r.target_logp.shape[0]} positions, the row {m}")
+    return {name: np.concatenate([getattr(r, name) for r in refs]) for name in ("codes", "lo", "step", "target_logp", "argmax")}
+
+
+def _vocab(head: Head) -> int:
+    layer = head.split[1] if head.split else None
+    weight = getattr(layer, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 131072
+
+
+def _bytes_per_token(qmodel) -> float:
+    """A generous estimate of activation memory per token in one forward (hidden states and MLP
+    intermediates of a layer in the model's dtype, a few times over): sizes 'auto' batches."""
+    config = getattr(qmodel.module, "config", None)
+    hidden = getattr(config, "hidden_size", 4096) or 4096
+    inter = getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden
+    return float(4 * (8 * hidden + 4 * inter))
+
+
+def _free_device_memory(device) -> None:
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
