@@ -54,6 +54,7 @@ def run(
     executor: str = typer.Option("local", "--executor", help="local (one process per cell, here) or ray (cells as Ray tasks)"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: 'auto' or 'ray://host:port' of a running cluster (default: a local Ray instance)"),
     allow_failed_cells: bool = typer.Option(False, "--allow-failed-cells", help="exit 0 even if cells failed (a skipped cell never fails the run)"),
+    reference_from: Optional[Path] = typer.Option(None, "--reference-from", help="reuse the finished reference cells of this run (same suite settings, same model files: checked by hash) instead of running them"),
 ):
     """Run a suite: every model x backend variant in its own process, then write the HTML report.
     Exits 1 if a cell failed (unless --allow-failed-cells) or a gate failed, 2 on bad input."""
@@ -72,7 +73,7 @@ def run(
         if address and executor != "ray":
             raise HarnessError("--address is for --executor ray")
         runner = EXECUTORS.get(executor)(**({"address": address} if executor == "ray" else {}))
-        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume, runner)
+        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume, runner, reference_from)
         _print_summary(result.run_dir)
         if result.report:
             console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
@@ -100,12 +101,12 @@ def _print_gates(gates) -> None:
     console.print(table)
 
 
-def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None):
+def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None, reference_from=None):
     from harness.run_view import progress_events
 
     with progress_events(err_console, "planning (first use converts the embedded model, ~1 min)") as on_event:
         return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, executor=executor,
-                         on_event=on_event)
+                         on_event=on_event, reference_from=reference_from)
 
 
 def _print_summary(run_dir) -> None:

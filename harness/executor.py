@@ -87,6 +87,9 @@ class Executor:
         """Check, before any cell runs, that these cells can run here (`profile`: the driver's
         hardware profile); raise HarnessError with one line if not."""
 
+    def warm_up(self, device: str) -> None:
+        """Called before planning (`device`: auto, cpu or cuda): start what can start early."""
+
     def run(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None) -> CellOutcome:
         raise NotImplementedError
 
@@ -114,13 +117,21 @@ def collect_outcome(cell: CellSpec, cell_dir: Path, ended: WorkerExit) -> CellOu
 
 
 class LocalExecutor(Executor):
-    """Sequential process-per-cell execution on this machine."""
+    """Sequential process-per-cell execution on this machine.
+
+    The next cell's worker is started ahead ("warm": its interpreter up and torch, transformers
+    and the harness imported, ~5-10 s on 2 cores; with its CUDA context where cells use CUDA) while
+    the driver plans and while the current cell runs, then handed its cell: one process per cell
+    still, without the start-up on the critical path. Not beside a cell whose measurements are
+    timings (`Measurement.timed`): nothing may compete with those."""
 
     name = "local"
 
-    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None):
+    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None, warm: bool = True):
         self.python = python
         self.env = env
+        self.warm = warm
+        self._spare: tuple[subprocess.Popen, Path] | None = None
 
     def prepare(self, cells: list[CellSpec], profile: str) -> None:
         from harness.errors import HarnessError
@@ -139,35 +150,112 @@ class LocalExecutor(Executor):
     def run(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None) -> CellOutcome:
         return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress))
 
-    def spawn(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None) -> WorkerExit:
-        """Run `python -m harness.worker CELL_DIR` in its own process group, with the cell's timeout."""
-        for stale in (worker.VALUES, worker.DONE):
-            (cell_dir / stale).unlink(missing_ok=True)
-        (cell_dir / worker.CELL).write_text(cell.model_dump_json(indent=2))
-        log_path = cell_dir / "worker.log"
+    def warm_up(self, device: str) -> None:
+        self._start_spare(cuda=device != "cpu")
+
+    def run_many(self, cells, cell_dir, on_start=None, progress=None):
+        """As Executor.run_many, with the next cell's worker warming up beside the current cell
+        (unless the current cell is timed) and the first one beside the driver's planning."""
+        from harness.metrics import get_measurement
+
+        cuda = any(c.device == "cuda" for c in cells)
+        if not cells:
+            self.close()
+        elif self._spare is None:
+            self._start_spare(cuda)
+        for k, cell in enumerate(cells):
+            if on_start:
+                on_start(cell)
+            step = (lambda d, t, w, c=cell: progress(c, d, t, w)) if progress else None
+            timed = any(get_measurement(m["name"]).timed for m in cell.measurements)
+            more = k + 1 < len(cells)
+            outcome = self.run_cell(cell, cell_dir(cell.cell_id), step, warm_next=more and not timed, cuda=cuda)
+            if more and timed:
+                self._start_spare(cuda)
+            yield cell, outcome
+
+    def run_cell(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: bool = False,
+                 cuda: bool = False) -> CellOutcome:
+        return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress, warm_next, cuda))
+
+    def _env(self, cuda: bool = False) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["QHARNESS_DRIVER_PID"] = str(os.getpid())
+        if cuda:
+            env["QHARNESS_WARM_CUDA"] = "1"
+        return env
+
+    def _start_spare(self, cuda: bool) -> None:
+        """A worker that imports everything and waits on stdin for its cell folder."""
+        if not self.warm or self._spare is not None:
+            return
+        import tempfile
+
+        fd, log = tempfile.mkstemp(prefix="qharness-warm-", suffix=".log")
+        with os.fdopen(fd, "w") as err:
+            proc = subprocess.Popen([self.python, "-m", "harness.worker", worker.WAIT], stdout=subprocess.PIPE, stderr=err,
+                                    stdin=subprocess.PIPE, text=True, env=self._env(cuda), start_new_session=True)
+        self._spare = (proc, Path(log))
+
+    def _take_spare(self, cell_dir: Path) -> subprocess.Popen | None:
+        """The warm worker, told its cell (its start-up log goes first into the cell's worker.log);
+        None if there is none or it died while waiting."""
+        if self._spare is None:
+            return None
+        proc, log = self._spare
+        self._spare = None
+        early = log.read_text(errors="replace") if log.exists() else ""
+        log.unlink(missing_ok=True)
+        (cell_dir / "worker.log").write_text(early)
+        if proc.poll() is not None:
+            return None
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(str(cell_dir) + "\n")
+            proc.stdin.close()
+        except OSError:
+            _kill_group(proc)
+            return None
+        return proc
+
+    def spawn(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: bool = False,
+              cuda: bool = False) -> WorkerExit:
+        """Run the cell in a worker process (the warm one if there is one, else
+        `python -m harness.worker CELL_DIR`) in its own process group, with the cell's timeout."""
+        for stale in (worker.VALUES, worker.DONE):
+            (cell_dir / stale).unlink(missing_ok=True)
+        (cell_dir / worker.CELL).write_text(cell.model_dump_json(indent=2))
         start = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [self.python, "-m", "harness.worker", str(cell_dir)],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
-                env=env, start_new_session=True,  # its own process group: a timeout kills its children too
-            )
-            reader = threading.Thread(target=self._pump, args=(proc, progress), daemon=True)
-            reader.start()
-            timed_out = False
-            try:
-                proc.wait(timeout=cell.timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-            except BaseException:  # Ctrl-C in the driver: take the worker down with it
-                _kill_group(proc)
-                raise
-            reader.join(timeout=5)
+        proc = self._take_spare(cell_dir)
+        if proc is None:
+            with open(cell_dir / "worker.log", "w") as log:
+                proc = subprocess.Popen([self.python, "-m", "harness.worker", str(cell_dir)], stdout=subprocess.PIPE,
+                                        stderr=log, stdin=subprocess.DEVNULL, text=True, env=self._env(cuda),
+                                        start_new_session=True)  # its own process group: a timeout kills its children too
+        if warm_next:
+            self._start_spare(cuda)
+        reader = threading.Thread(target=self._pump, args=(proc, progress), daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=cell.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        except BaseException:  # Ctrl-C in the driver: take the worker (and a warm one) down with it
+            _kill_group(proc)
+            self.close()
+            raise
+        reader.join(timeout=5)
         return WorkerExit(proc.returncode, timed_out, time.monotonic() - start)
+
+    def close(self) -> None:
+        if self._spare is not None:
+            proc, log = self._spare
+            self._spare = None
+            _kill_group(proc)
+            log.unlink(missing_ok=True)
 
     @staticmethod
     def _pump(proc: subprocess.Popen, progress: ProgressFn | None) -> None:

@@ -48,7 +48,7 @@ def _validated_measurements(suite: Suite) -> list[dict]:
 def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | None = None,
          device: str | None = None) -> Plan:
     from harness.adapters import get_adapter
-    from harness.models import model_shapes, resolve_model
+    from harness.models import model_fingerprint, model_shapes, resolve_model
 
     device = resolve_device(device or suite.device)
     if suite.hardware:
@@ -88,7 +88,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
     result = Plan(suite=suite, device=device, cells=[])
     for model_name in models or suite.models:
         source = resolve_model(model_name, prepare=True)
-        result.models[source.name] = source.describe()
+        result.models[source.name] = {**source.describe(), "fingerprint": model_fingerprint(source)}
         shapes = model_shapes(source)
         _check_tasks(suite, source.name, shapes.task, measurements, parsed)
         _check_random_weights(suite, source, measurements, parsed)

@@ -46,7 +46,9 @@ def _lines(console: Console) -> Callable[[str, dict], None]:
             state["done"] += 1
             o, c = data["outcome"], data["cell"]
             why = f": {first_line(o.error, 160)}" if o.status != "ok" else ""
-            console.print(f"[{state['done']}/{state['total']}] {o.status} {cell_label(c)} ({o.duration_s:.1f} s){why}",
+            reused = (o.provenance or {}).get("reused_from")
+            took = f"reused from {reused['run']}" if reused else f"{o.duration_s:.1f} s"
+            console.print(f"[{state['done']}/{state['total']}] {o.status} {cell_label(c)} ({took}){why}",
                           highlight=False, soft_wrap=True, markup=False)
 
     return on_event

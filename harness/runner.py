@@ -100,6 +100,45 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def stored_references(the_plan, reference_from: Path) -> dict[str, list[Record]]:
+    """Reference cell id -> its records in run `reference_from`, for every reference cell of the
+    plan. The cell must have finished there with the same identity (model, backend, variant,
+    device, measurements: the cell id is their hash) on the same model (the model fingerprint:
+    a hash of its files); anything else is one line, before any model loads."""
+    other = RunDir(reference_from)
+    info = other.run_info()
+    records = other.current_records()
+    found = {}
+    for cell in (c for c in the_plan.cells if c.is_reference):
+        mine = [r for r in records if r.cell_id == cell.cell_id]
+        if not any(r.measurement == "cell" and r.status == "ok" for r in mine):
+            raise HarnessError(f"--reference-from {reference_from}: it has no finished reference cell "
+                               f"{cell.backend}:{cell.variant} of model {cell.model} with this suite's measurements and "
+                               "device (run it with the same suite, or without --reference-from)")
+        there = (info.get("models") or {}).get(cell.model, {}).get("fingerprint")
+        here = the_plan.models.get(cell.model, {}).get("fingerprint")
+        if there != here:
+            raise HarnessError(f"--reference-from {reference_from}: model {cell.model} is not the one that run used "
+                               f"(fingerprint {str(here)[:12]} here, {str(there)[:12]} there)")
+        found[cell.cell_id] = mine
+    return found
+
+
+def reuse_reference(run_dir: RunDir, cell: CellSpec, records: list[Record], source: Path, run_id: str) -> CellOutcome:
+    """Copy a finished reference cell (its stored NLLs, log-probabilities, continuations and
+    records) from another run into this one, instead of running it."""
+    import shutil
+
+    shutil.copytree(Path(source) / "cells" / cell.cell_id, run_dir.cell_dir(cell.cell_id), dirs_exist_ok=True)
+    origin = {"run": str(Path(source).resolve()), "run_id": records[0].run_id}
+    copied = [r.model_copy(update={"run_id": run_id, "suite": cell.suite, "attempt": 1,
+                                   "provenance": {**r.provenance, "reused_from": origin} if r.measurement == "cell"
+                                   else r.provenance}) for r in records]
+    run_dir.append(copied)
+    cell_record = next(r for r in copied if r.measurement == "cell")
+    return CellOutcome("ok", provenance=cell_record.provenance, duration_s=0.0)
+
+
 def run_suite(
     suite: Suite,
     out: Path | None = None,
@@ -109,8 +148,11 @@ def run_suite(
     resume: bool = False,
     executor=None,
     on_event: Callable[[str, dict], None] | None = None,
+    reference_from: Path | None = None,
 ) -> RunResult:
-    """Plan and run `suite`. `on_event(kind, data)` receives planned/cell_start/progress/cell_end."""
+    """Plan and run `suite`. `on_event(kind, data)` receives planned/cell_start/progress/cell_end.
+    `reference_from`: a run whose finished reference cells (same cell, same model files) are
+    copied in instead of being run again."""
     from harness import hardware, provenance
     from harness.planner import plan as make_plan
 
@@ -119,45 +161,52 @@ def run_suite(
     run_dir, previous = prepare_run_dir(out, resume)
     if previous is not None:
         check_same_suite(previous.get("suite"), suite, out)
-    the_plan = make_plan(suite, models=models, backends=backends, device=device)
-    profile, device_name = hardware.detect(the_plan.device)
-
-    run_id = previous["run_id"] if previous else f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    info = {
-        "run_id": run_id,
-        "suite": suite.model_dump(mode="json"),
-        "started_at": previous.get("started_at") if previous else utc_now(),
-        "resumed_at": [*previous.get("resumed_at", []), utc_now()] if previous else [],
-        "hardware_profile": profile,
-        "device_name": device_name,
-        "provenance": provenance.collect(the_plan.device),
-        "models": the_plan.models,
-        "cells": [c.model_dump(mode="json") for c in the_plan.cells],
-    }
-    if previous is None:
-        run_dir.create(info)
-    else:
-        run_dir.write_run_info(info)
-
-    done = finished_cells(run_dir) if previous else set()
-    attempts: dict[str, int] = {}
-    for r in run_dir.records() if previous else []:
-        attempts[r.cell_id] = max(attempts.get(r.cell_id, 0), r.attempt)
-    todo = [c for c in the_plan.cells if c.cell_id not in done]
-    emit("planned", {"run_dir": run_dir.path, "total": len(the_plan.cells), "todo": len(todo),
-                     "done": len(the_plan.cells) - len(todo), "device": the_plan.device, "profile": profile})
     executor = executor or LocalExecutor()
-    failed = 0
-
-    def finish(cell: CellSpec, outcome: CellOutcome) -> None:
-        nonlocal failed
-        run_dir.append(cell_records(cell, run_id, outcome.hardware_profile or profile, outcome,
-                                    attempts.get(cell.cell_id, 0) + 1))
-        failed += outcome.status == "failed"
-        emit("cell_end", {"cell": cell, "outcome": outcome})
-
-    runnable = [c for c in todo if c.cell_id not in the_plan.unavailable]
+    executor.warm_up(device or suite.device)  # e.g. the first worker starts while the driver plans
     try:
+        the_plan = make_plan(suite, models=models, backends=backends, device=device)
+        reused = stored_references(the_plan, Path(reference_from)) if reference_from else {}
+        profile, device_name = hardware.detect(the_plan.device)
+
+        run_id = previous["run_id"] if previous else f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        info = {
+            "run_id": run_id,
+            "suite": suite.model_dump(mode="json"),
+            "started_at": previous.get("started_at") if previous else utc_now(),
+            "resumed_at": [*previous.get("resumed_at", []), utc_now()] if previous else [],
+            "hardware_profile": profile,
+            "device_name": device_name,
+            "provenance": provenance.collect(the_plan.device),
+            "models": the_plan.models,
+            "cells": [c.model_dump(mode="json") for c in the_plan.cells],
+            **({"reference_from": str(Path(reference_from).resolve())} if reference_from else {}),
+        }
+        if previous is None:
+            run_dir.create(info)
+        else:
+            run_dir.write_run_info(info)
+
+        done = finished_cells(run_dir) if previous else set()
+        attempts: dict[str, int] = {}
+        for r in run_dir.records() if previous else []:
+            attempts[r.cell_id] = max(attempts.get(r.cell_id, 0), r.attempt)
+        todo = [c for c in the_plan.cells if c.cell_id not in done]
+        emit("planned", {"run_dir": run_dir.path, "total": len(the_plan.cells), "todo": len(todo),
+                         "done": len(the_plan.cells) - len(todo), "device": the_plan.device, "profile": profile})
+        failed = 0
+
+        def finish(cell: CellSpec, outcome: CellOutcome) -> None:
+            nonlocal failed
+            run_dir.append(cell_records(cell, run_id, outcome.hardware_profile or profile, outcome,
+                                        attempts.get(cell.cell_id, 0) + 1))
+            failed += outcome.status == "failed"
+            emit("cell_end", {"cell": cell, "outcome": outcome})
+
+        for cell in [c for c in todo if c.cell_id in reused]:
+            emit("cell_start", {"cell": cell})
+            emit("cell_end", {"cell": cell, "outcome": reuse_reference(run_dir, cell, reused[cell.cell_id], reference_from, run_id)})
+        todo = [c for c in todo if c.cell_id not in reused]
+        runnable = [c for c in todo if c.cell_id not in the_plan.unavailable]
         executor.prepare(runnable, profile)  # e.g. connect to Ray, check the cluster can run them
         for cell in todo:  # unavailable cells cost nothing: recorded as skipped first
             if cell.cell_id in the_plan.unavailable:

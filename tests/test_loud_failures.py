@@ -91,3 +91,55 @@ def test_resume_of_another_suite_is_refused(tmp_path: Path, harness_env) -> None
     assert result.exit_code == 2, result.output
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and "started with another suite ('measurements' differs" in err, err
+
+
+REFERENCE_SUITE = """
+name: reuse
+models: [tiny:llama]
+device: cpu
+timeout_s: 300
+reference: fp:fp32
+backends:
+  - name: fp
+    variants: [{dtype: float32}]
+  - name: rtn
+    variants: [{bits: 4, group_size: 32}]
+measurements:
+  - name: perplexity
+    seq_len: 64
+    max_windows: 2
+  - name: divergence
+    seq_len: 64
+    max_windows: 2
+"""
+
+
+def test_reference_from_another_run_is_reused_not_rerun(tmp_path: Path, harness_env) -> None:
+    import json
+
+    from harness.store import RunDir
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(REFERENCE_SUITE)
+    first = runner.invoke(app, ["run", "--suite", str(suite), "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    second = _run(["--suite", str(suite), "--out", str(tmp_path / "b"), "--reference-from", str(tmp_path / "a")])
+    assert second.returncode == 0, second.stderr
+    assert f"ok fp:fp32 (reused from {(tmp_path / 'a').resolve()})" in second.stderr
+    a, b = (RunDir(tmp_path / x).current_records() for x in "ab")
+    ref_cell = next(r for r in b if r.is_reference and r.measurement == "cell")
+    assert ref_cell.provenance["reused_from"]["run"] == str((tmp_path / "a").resolve())
+    kld = {x: next(r.value for r in recs if r.metric == "kld_mean") for x, recs in (("a", a), ("b", b))}
+    assert kld["a"] == kld["b"]  # the rtn cell read the copied reference store
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["reference_from"] == str((tmp_path / "a").resolve())
+
+    # another model behind the same name, or other settings: refused before anything runs
+    info = json.loads((tmp_path / "a" / "run.json").read_text())
+    info["models"]["tiny:llama"]["fingerprint"] = "0" * 64
+    (tmp_path / "a" / "run.json").write_text(json.dumps(info))
+    bad = runner.invoke(app, ["run", "--suite", str(suite), "--out", str(tmp_path / "c"), "--reference-from", str(tmp_path / "a")])
+    assert bad.exit_code == 2 and "model tiny:llama is not the one that run used" in bad.stderr, bad.output
+    suite.write_text(REFERENCE_SUITE.replace("max_windows: 2\n", "max_windows: 3\n", 1))
+    bad = runner.invoke(app, ["run", "--suite", str(suite), "--out", str(tmp_path / "d"), "--reference-from", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "has no finished reference cell fp:fp32 of model tiny:llama" in bad.stderr, bad.output
+    assert not (tmp_path / "d").exists() or not (tmp_path / "d" / "cells").exists()

@@ -61,6 +61,9 @@ class Measurement(ABC):
     Params: ClassVar[type[MeasurementParams]]
     needs_tokenizer: ClassVar[bool] = True
     tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)  # model kinds it can measure; others are refused at plan time
+    # its values are timings: nothing of the harness's own may run beside its cell (no next worker
+    # warming up: harness.executor.LocalExecutor)
+    timed: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]: ...

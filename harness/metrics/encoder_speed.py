@@ -39,6 +39,7 @@ def _half_iqr(values: list[float]) -> float:
 
 
 class EncoderSpeed(Measurement):
+    timed = True
     name = "encoder-speed"
     Params = EncoderSpeedParams
     tasks = ("encoder",)

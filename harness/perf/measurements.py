@@ -59,6 +59,7 @@ class CeilingsParams(MeasurementParams):
 class Ceilings(Measurement):
     """Achievable ceilings on the cell's device (copy bandwidth, GEMM per dtype), with the
     hardware profile's datasheet value beside each."""
+    timed = True
 
     name = "ceilings"
     Params = CeilingsParams
@@ -131,6 +132,7 @@ class Speed(Measurement):
     """Prefill tokens/s per prompt length; decode tokens/s, TTFT and TPOT (p50/p90/p99) per mode,
     batch and context; energy per token where NVML counts it; each point placed on the roofline
     of the measured ceilings (bandwidth utilisation = bytes that had to move / time / bandwidth)."""
+    timed = True
 
     name = "speed"
     Params = SpeedParams
