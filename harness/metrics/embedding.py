@@ -120,6 +120,7 @@ def cosine_values(cos: np.ndarray, detail: dict) -> list[MetricValue]:
 
 
 class EmbeddingQuality(Measurement):
+    needs_reference_model = True
     name = "embedding"
     Params = EmbeddingParams
     tasks = ("encoder",)

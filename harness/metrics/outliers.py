@@ -152,6 +152,7 @@ def _per_layer(values: dict[str, float], metric: str, protocol: str, n: int, det
 
 
 class Outliers(Measurement):
+    needs_reference_model = True
     name = "outliers"
     Params = OutliersParams
 

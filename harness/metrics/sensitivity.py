@@ -122,6 +122,7 @@ def linear_bytes(module: torch.nn.Module) -> int:
 
 
 class Sensitivity(Measurement):
+    needs_reference_model = True
     name = "sensitivity"
     Params = SensitivityParams
 
