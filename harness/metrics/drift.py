@@ -6,9 +6,9 @@ log-probabilities stored by the reference cell, as for `divergence`); per predic
 KL(P_ref || P_q) and top-1 agreement, pooled into position buckets of `bucket` tokens. A predicted token's position is its index in the window
 (1 .. seq_len-1), so the first bucket [0, bucket) holds bucket-1 tokens.
 
-Free-running: greedy decoding (`module.generate(do_sample=False, **qmodel.generate_kwargs)`;
-models without a torch `generate`, e.g. llama.cpp, decode greedily through their logits) from
-the same prompts with both models (the reference cell stores its continuations in
+Free-running: greedy decoding (`module.generate(do_sample=False, **qmodel.generate_kwargs)`, the
+prompts batched: they have equal length, so no padding; models without a torch `generate`, e.g.
+llama.cpp, decode greedily through their logits) from the same prompts with both models (the reference cell stores its continuations in
 `drift-greedy-<key>.json`); the first generated position whose token differs (or where
 only one model stopped) is that prompt's divergence point. A prompt that never diverges within
 `new_tokens` is censored at `new_tokens`: percentiles count it there, and the fraction of such
@@ -97,23 +97,29 @@ def first_divergence(ref: list[int], q: list[int], limit: int) -> int | None:
     return None
 
 
-def greedy(qmodel, prompt: torch.Tensor, new_tokens: int, eos: int | None) -> tuple[list[int], str]:
-    """Greedy continuation of prompt (1, len), and how it was produced."""
+def greedy(qmodel, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> tuple[list[list[int]], str]:
+    """Greedy continuations of prompts (k, len) of equal length (no padding needed, so one
+    batched `generate` gives each row what it would alone, up to float rounding), each cut after
+    its first EOS; and how they were produced."""
     module = qmodel.module
     if callable(getattr(module, "generate", None)):
         with torch.no_grad():  # not inference_mode: quanto's packed weights refuse it
-            out = module.generate(input_ids=prompt.to(qmodel.device), attention_mask=torch.ones_like(prompt).to(qmodel.device),
+            out = module.generate(input_ids=prompts.to(qmodel.device), attention_mask=torch.ones_like(prompts).to(qmodel.device),
                                   max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=eos, **qmodel.generate_kwargs)
-        return out[0, prompt.shape[1]:].tolist(), "module.generate"
-    ids, tokens = prompt, []
-    for _ in range(new_tokens):  # no KV cache: full recompute per step (short horizons only)
-        nxt = int(qmodel.logits(ids)[0, -1].argmax())
-        tokens.append(nxt)
-        if nxt == eos:
-            break
-        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-    return tokens, "argmax of logits (no torch generate)"
+        rows = [row[prompts.shape[1]:].tolist() for row in out]
+        return [row[: row.index(eos) + 1] if eos in row else row for row in rows], "module.generate (prompts batched)"
+    continuations = []
+    for prompt in prompts:
+        ids, tokens = prompt[None], []
+        for _ in range(new_tokens):  # no KV cache: full recompute per step (short horizons only)
+            nxt = int(qmodel.logits(ids)[0, -1].argmax())
+            tokens.append(nxt)
+            if nxt == eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        continuations.append(tokens)
+    return continuations, "argmax of logits (no torch generate)"
 
 
 def generation_values(positions: list[int | None], new_tokens: int, detail: dict) -> list[MetricValue]:
@@ -155,16 +161,16 @@ class Drift(Measurement):
             raise HarnessError(f"drift: corpus '{params.corpus}' has fewer than {params.seq_len} tokens")
         return stream[: n_windows * params.seq_len].view(n_windows, params.seq_len)
 
-    def _prompts(self, ctx: CellContext, params: DriftParams) -> list[torch.Tensor]:
+    def _prompts(self, ctx: CellContext, params: DriftParams) -> torch.Tensor:
+        """(prompts, prompt_len): consecutive slices of the eval stream."""
         stream = self._stream(ctx, params)
-        prompts = [stream[k * params.prompt_len:(k + 1) * params.prompt_len][None] for k in range(params.prompts)]
-        if any(p.shape[1] < params.prompt_len for p in prompts):
+        if stream.numel() < params.prompts * params.prompt_len:
             raise HarnessError(f"drift: corpus '{params.corpus}' has too few tokens for {params.prompts} prompts")
-        return prompts
+        return stream[: params.prompts * params.prompt_len].view(params.prompts, params.prompt_len)
 
     @staticmethod
-    def _greedy_file(prompts: list[torch.Tensor], params: DriftParams, eos: int | None) -> str:
-        key = hashlib.sha1(json.dumps([[p[0].tolist() for p in prompts], params.new_tokens, eos]).encode()).hexdigest()
+    def _greedy_file(prompts: torch.Tensor, params: DriftParams, eos: int | None) -> str:
+        key = hashlib.sha1(json.dumps([prompts.tolist(), params.new_tokens, eos]).encode()).hexdigest()
         return f"drift-greedy-{key[:16]}.json"
 
     def run(self, ctx: CellContext, params: DriftParams) -> list[MetricValue]:
@@ -174,16 +180,14 @@ class Drift(Measurement):
         prompts = self._prompts(ctx, params)
         eos = getattr(ctx.tokenizer, "eos_token_id", None)
         greedy_file = self._greedy_file(prompts, params, eos)
-        steps = 1 + len(prompts)
+        steps = 2
         if ctx.is_reference:  # store what comparing cells read: log-probabilities, greedy continuations
             ctx.scorer.windows(windows, 0, params.batch_tokens, "drift windows (reference)")
-            continuations = []
-            for k, prompt in enumerate(prompts):
-                tokens, how = greedy(ctx.qmodel, prompt, params.new_tokens, eos)
-                continuations.append({"tokens": tokens, "decoding": how})
-                ctx.progress(2 + k, steps, "drift generation (reference)")
+            tokens, how = greedy(ctx.qmodel, prompts, params.new_tokens, eos) if params.prompts else ([], "")
+            ctx.progress(2, steps, "drift generation (reference)")
             (ctx.artifact_dir / greedy_file).write_text(json.dumps({"new_tokens": params.new_tokens, "eos": eos,
-                                                                    "continuations": continuations}))
+                                                                    "continuations": [{"tokens": t, "decoding": how}
+                                                                                      for t in tokens]}))
             return []
         detail = {**params.model_dump(), "windows": int(windows.shape[0]), "reference": STORED,
                   "reference_cell": ctx.reference_dir.name if ctx.reference_dir else None}
@@ -194,17 +198,15 @@ class Drift(Measurement):
         out = bucket_values(kld, np.stack([s.top1 for s in scores]), params.bucket, detail)
         ctx.progress(1, steps, "drift windows")
 
-        if prompts:
+        if params.prompts:
             stored = ctx.reference_dir / greedy_file
             if not stored.is_file():
                 raise HarnessError(f"drift: the reference cell stored no greedy continuations for these prompts "
                                    f"({stored}); did it run with the same drift parameters?")
             reference = json.loads(stored.read_text())["continuations"]
-            positions, how = [], set()
-            for k, prompt in enumerate(prompts):
-                q_tokens, how_q = greedy(ctx.qmodel, prompt, params.new_tokens, eos)
-                how |= {reference[k]["decoding"], how_q}
-                positions.append(first_divergence(reference[k]["tokens"], q_tokens, params.new_tokens))
-                ctx.progress(2 + k, steps, "drift generation")
-            out += generation_values(positions, params.new_tokens, {**detail, "decoding": sorted(how)})
+            q_tokens, how_q = greedy(ctx.qmodel, prompts, params.new_tokens, eos)
+            positions = [first_divergence(ref["tokens"], q, params.new_tokens) for ref, q in zip(reference, q_tokens)]
+            ctx.progress(2, steps, "drift generation")
+            how = sorted({ref["decoding"] for ref in reference} | {how_q})
+            out += generation_values(positions, params.new_tokens, {**detail, "decoding": how})
         return out

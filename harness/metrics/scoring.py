@@ -162,10 +162,10 @@ def _split_head(qmodel) -> tuple[Callable, Callable] | None:
         if decoder is None or head is None:
             return None
         vocab = head.weight.shape[0] if hasattr(head, "weight") and head.weight.dim() == 2 else 8
-        probe = (torch.arange(8) * 7 % max(vocab - 1, 1) + 1)[None]
-        with torch.inference_mode():
-            whole = qmodel.logits(probe)
-            out = decoder(input_ids=probe.to(qmodel.device), use_cache=False)
+        probe = (torch.arange(8) * 7 % max(vocab - 1, 1) + 1)[None].to(qmodel.device)
+        with torch.no_grad():  # not inference_mode: quanto's packed weights refuse its tensors later
+            whole = module(input_ids=probe, use_cache=False).logits.float()
+            out = decoder(input_ids=probe, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             parts = head(hidden).float()
         tol = 1e-4 if whole.dtype == torch.float32 and next(module.parameters()).dtype == torch.float32 else 2e-2
@@ -299,7 +299,7 @@ class Scorer:
             yield from results
             start += len(batch)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: on CUDA, quanto's int4 weights failed under it ("Cannot set version_counter for inference tensor")
     def _batch(self, rows: list[Row], batch: list[list[int]], keys: list[str], has_ref: list[bool]):
         width = rows[batch[0][0]].ids.numel()
         ids = torch.zeros(len(batch), width, dtype=torch.long)

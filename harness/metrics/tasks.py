@@ -112,6 +112,10 @@ class Tasks(Measurement):
     name = "tasks"
     Params = TasksParams
 
+    def check_inputs(self, params: TasksParams) -> None:
+        for spec_text in params.tasks:
+            TASKS[parse_task(spec_text)[0]].check_files()
+
     def run(self, ctx: CellContext, params: TasksParams) -> list[MetricValue]:
         if ctx.tokenizer is None:
             raise HarnessError(f"tasks need a tokenizer; model '{ctx.model_name}' has none")
