@@ -119,19 +119,24 @@ def collect_outcome(cell: CellSpec, cell_dir: Path, ended: WorkerExit) -> CellOu
 class LocalExecutor(Executor):
     """Sequential process-per-cell execution on this machine.
 
-    The next cell's worker is started ahead ("warm": its interpreter up and torch, transformers
-    and the harness imported, ~5-10 s on 2 cores; with its CUDA context where cells use CUDA) while
-    the driver plans and while the current cell runs, then handed its cell: one process per cell
-    still, without the start-up on the critical path. Not beside a cell whose measurements are
-    timings (`Measurement.timed`): nothing may compete with those."""
+    The next cells' workers are started ahead ("warm": their interpreter up and torch,
+    transformers and the harness imported, ~5-10 s on 2 cores; with a CUDA context where cells use
+    CUDA) while the driver plans and while the current cell runs, then handed their cell: one
+    process per cell still, without the start-up on the critical path. One ahead on a small
+    machine; three where there are 8 or more cores (on the lent H200 machine a worker took ~14 s
+    to start, while most llm-int4 cells ran in 6-10 s: with one ahead, every other cell waited for
+    it). Never beside a cell whose measurements are timings (`Measurement.timed`): in a run with
+    such cells only one is started ahead, and not while a timed cell runs."""
 
     name = "local"
 
-    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None, warm: bool = True):
+    def __init__(self, python: str = sys.executable, env: dict[str, str] | None = None, warm: bool = True,
+                 ahead: int | None = None):
         self.python = python
         self.env = env
         self.warm = warm
-        self._spare: tuple[subprocess.Popen, Path] | None = None
+        self.ahead = ahead if ahead is not None else (3 if (os.cpu_count() or 1) >= 8 else 1)
+        self._spares: list[tuple[subprocess.Popen, Path]] = []
 
     def prepare(self, cells: list[CellSpec], profile: str) -> None:
         from harness.errors import HarnessError
@@ -151,7 +156,7 @@ class LocalExecutor(Executor):
         return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress))
 
     def warm_up(self, device: str) -> None:
-        self._start_spare(cuda=device != "cpu")
+        self._start_spares(cuda=device != "cpu", count=1)
 
     def run_many(self, cells, cell_dir, on_start=None, progress=None):
         """As Executor.run_many, with the next cell's worker warming up beside the current cell
@@ -159,22 +164,21 @@ class LocalExecutor(Executor):
         from harness.metrics import get_measurement
 
         cuda = any(c.device == "cuda" for c in cells)
+        timed = [any(get_measurement(m["name"]).timed for m in c.measurements) for c in cells]
+        ahead = 1 if any(timed) else self.ahead
         if not cells:
             self.close()
-        elif self._spare is None:
-            self._start_spare(cuda)
         for k, cell in enumerate(cells):
             if on_start:
                 on_start(cell)
             step = (lambda d, t, w, c=cell: progress(c, d, t, w)) if progress else None
-            timed = any(get_measurement(m["name"]).timed for m in cell.measurements)
-            more = k + 1 < len(cells)
-            outcome = self.run_cell(cell, cell_dir(cell.cell_id), step, warm_next=more and not timed, cuda=cuda)
-            if more and timed:
-                self._start_spare(cuda)
+            left = len(cells) - k - 1
+            outcome = self.run_cell(cell, cell_dir(cell.cell_id), step, warm_next=0 if timed[k] else min(ahead, left), cuda=cuda)
+            if timed[k] and left:
+                self._start_spares(cuda, 1)
             yield cell, outcome
 
-    def run_cell(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: bool = False,
+    def run_cell(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: int = 0,
                  cuda: bool = False) -> CellOutcome:
         return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress, warm_next, cuda))
 
@@ -186,25 +190,24 @@ class LocalExecutor(Executor):
             env["QHARNESS_WARM_CUDA"] = "1"
         return env
 
-    def _start_spare(self, cuda: bool) -> None:
-        """A worker that imports everything and waits on stdin for its cell folder."""
-        if not self.warm or self._spare is not None:
-            return
+    def _start_spares(self, cuda: bool, count: int) -> None:
+        """Workers that import everything and wait on stdin for their cell folder, until `count`
+        are waiting."""
         import tempfile
 
-        fd, log = tempfile.mkstemp(prefix="qharness-warm-", suffix=".log")
-        with os.fdopen(fd, "w") as err:
-            proc = subprocess.Popen([self.python, "-m", "harness.worker", worker.WAIT], stdout=subprocess.PIPE, stderr=err,
-                                    stdin=subprocess.PIPE, text=True, env=self._env(cuda), start_new_session=True)
-        self._spare = (proc, Path(log))
+        while self.warm and len(self._spares) < count:
+            fd, log = tempfile.mkstemp(prefix="qharness-warm-", suffix=".log")
+            with os.fdopen(fd, "w") as err:
+                proc = subprocess.Popen([self.python, "-m", "harness.worker", worker.WAIT], stdout=subprocess.PIPE, stderr=err,
+                                        stdin=subprocess.PIPE, text=True, env=self._env(cuda), start_new_session=True)
+            self._spares.append((proc, Path(log)))
 
     def _take_spare(self, cell_dir: Path) -> subprocess.Popen | None:
-        """The warm worker, told its cell (its start-up log goes first into the cell's worker.log);
-        None if there is none or it died while waiting."""
-        if self._spare is None:
+        """The oldest warm worker, told its cell (its start-up log goes first into the cell's
+        worker.log); None if there is none or it died while waiting."""
+        if not self._spares:
             return None
-        proc, log = self._spare
-        self._spare = None
+        proc, log = self._spares.pop(0)
         early = log.read_text(errors="replace") if log.exists() else ""
         log.unlink(missing_ok=True)
         (cell_dir / "worker.log").write_text(early)
@@ -219,7 +222,7 @@ class LocalExecutor(Executor):
             return None
         return proc
 
-    def spawn(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: bool = False,
+    def spawn(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: int = 0,
               cuda: bool = False) -> WorkerExit:
         """Run the cell in a worker process (the warm one if there is one, else
         `python -m harness.worker CELL_DIR`) in its own process group, with the cell's timeout."""
@@ -234,7 +237,7 @@ class LocalExecutor(Executor):
                                         stderr=log, stdin=subprocess.DEVNULL, text=True, env=self._env(cuda),
                                         start_new_session=True)  # its own process group: a timeout kills its children too
         if warm_next:
-            self._start_spare(cuda)
+            self._start_spares(cuda, warm_next)
         reader = threading.Thread(target=self._pump, args=(proc, progress), daemon=True)
         reader.start()
         timed_out = False
@@ -251,9 +254,8 @@ class LocalExecutor(Executor):
         return WorkerExit(proc.returncode, timed_out, time.monotonic() - start)
 
     def close(self) -> None:
-        if self._spare is not None:
-            proc, log = self._spare
-            self._spare = None
+        while self._spares:
+            proc, log = self._spares.pop()
             _kill_group(proc)
             log.unlink(missing_ok=True)
 

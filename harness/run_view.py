@@ -86,14 +86,20 @@ def _fmt(value, unc=None) -> str:
     if value is None:
         return "-"
     text = f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return f"{text} ± {unc:.2g}" if unc is not None else text
+    return f"{text}±{unc:.2g}" if unc is not None else text
 
 
-SUMMARY_METRICS = (("bits_per_weight", "bits/w"), ("weight_bytes", "bytes"), ("ppl", "ppl"))
+# metric -> (column, formatter): short enough that a log's 100 columns keep every value whole
+SUMMARY_METRICS = {
+    "bits_per_weight": ("bits/w", lambda v, u: f"{v:.3g}"),
+    "weight_bytes": ("MB", lambda v, u: f"{v / 1e6:,.1f}"),
+    "ppl": ("ppl", _fmt),
+}
+NARROW = {"model": 20, "cell": 24, "status": 34}  # widest a log gives these; the numbers are never cut
 
 
 def summary_table(run_dir, terminal: bool) -> Table:
-    """One row per cell: the cell, bits per weight, bytes, perplexity, status (reason cut)."""
+    """One row per cell: the cell, bits per weight, MB, perplexity, status (reason cut)."""
     by_cell: dict[str, dict] = {}
     models = set()
     for r in run_dir.current_records():
@@ -101,18 +107,19 @@ def summary_table(run_dir, terminal: bool) -> Table:
         row = by_cell.setdefault(r.cell_id, {"model": r.model, "cell": f"{r.backend}:{r.variant}", "status": "?"})
         if r.measurement == "cell":
             row["status"] = r.status if r.status == "ok" else f"{r.status}: {first_line(r.error)}"
-        elif r.measurement != "timing":
-            row[r.metric] = _fmt(r.value, r.uncertainty)
+        elif r.metric in SUMMARY_METRICS and r.value is not None and r.measurement != "timing":
+            row[r.metric] = SUMMARY_METRICS[r.metric][1](r.value, r.uncertainty)
     many = len(models) > 1
     table = Table(title=f"run {run_dir.path}" + ("" if many or not models else f" ({next(iter(models))})"))
-    columns = (["model"] if many else []) + ["cell"] + [label for _, label in SUMMARY_METRICS] + ["status"]
+    columns = (["model"] if many else []) + ["cell"] + [label for label, _ in SUMMARY_METRICS.values()] + ["status"]
     for col in columns:
-        # a log keeps each row on one line; a terminal may fold
-        table.add_column(col, overflow="fold" if terminal else "ellipsis", no_wrap=not terminal,
-                         max_width=None if terminal else (REASON_CHARS + 8 if col == "status" else 28))
+        if terminal:  # a terminal may fold
+            table.add_column(col, overflow="fold")
+        else:  # a log keeps each row on one line
+            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=NARROW.get(col))
     for row in by_cell.values():
-        table.add_row(*([row["model"]] if many else []), row["cell"],
-                      *(row.get(m, "-") for m, _ in SUMMARY_METRICS), row["status"])
+        table.add_row(*([row["model"]] if many else []), row["cell"], *(row.get(m, "-") for m in SUMMARY_METRICS),
+                      row["status"])
     return table
 
 

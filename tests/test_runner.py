@@ -97,3 +97,28 @@ def test_resume_after_sigkill_recomputes_no_finished_cell(tmp_path, harness_env)
     assert sorted(r.variant for r in cell_records) == sorted(["fp32", "ok@quantize", "slow@quantize", "ok@measure"])
     assert all(r.status == "ok" for r in cell_records)
     assert (out / "report.html").exists()
+
+
+def test_warm_workers_run_every_cell_and_leave_nothing_behind(tmp_path, harness_env):
+    """Workers started ahead (LocalExecutor.ahead) are handed their cells; each cell still has its
+    own process (its pid in provenance); no waiting worker outlives the run."""
+    import psutil
+
+    from harness.executor import LocalExecutor
+    from harness.runner import run_suite
+    from harness.store import RunDir
+    from harness.suite import load_suite
+
+    suite = load_suite(str(tiny_suite(tmp_path / "s.yaml", extra_backends="""
+        - name: rtn
+          variants: [{bits: 8}, {bits: 4, group_size: 32}]
+        """)))
+    result = run_suite(suite, out=tmp_path / "run", executor=LocalExecutor(ahead=2))
+    assert result.failed == 0
+    records = RunDir(tmp_path / "run").current_records()
+    cells = [r for r in records if r.measurement == "cell"]
+    assert len(cells) == 3 and len({r.provenance["pid"] for r in cells}) == 3
+    warm = [r.params["warm_worker"] for r in records if r.measurement == "timing" and r.metric == "load_s"]
+    assert warm == [True, True, True]
+    leftovers = [p for p in psutil.Process().children(recursive=True) if "harness.worker" in " ".join(p.cmdline())]
+    assert leftovers == []
