@@ -136,6 +136,12 @@ class QuantizedModel:
         hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))
 
+    def greedy_continuations(self, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> list[list[int]] | None:
+        """Greedy continuations of prompts (k, len), each cut after its first EOS, for models whose
+        runtime decodes outside torch's `generate` (llama.cpp, with its own KV cache); None: use
+        `module.generate` (harness.metrics.drift.greedy)."""
+        return None
+
     def native_kv_cache_bytes(self, input_ids: torch.Tensor) -> int | None:
         """Bytes of the KV cache after prefilling `input_ids` (1, N), for models whose cache lives
         outside torch (llama.cpp); None: a transformers cache, measured by harness.metrics.kvcache."""

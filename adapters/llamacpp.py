@@ -217,6 +217,23 @@ class LlamaCppModel(QuantizedModel):
         else:
             self.buffers = None
 
+    def greedy_continuations(self, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> list[list[int]]:
+        """llama.cpp decoding token by token on its KV cache (the argmax of its own logits)."""
+        llm = self._llama(prompts.shape[1] + new_tokens)
+        out = []
+        for prompt in prompts.tolist():
+            llm.reset()
+            llm.eval(prompt)
+            tokens: list[int] = []
+            for _ in range(new_tokens):
+                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                tokens.append(nxt)
+                if nxt == eos:
+                    break
+                llm.eval([nxt])
+            out.append(tokens)
+        return out
+
     def native_kv_cache_bytes(self, input_ids: torch.Tensor) -> int | None:
         import llama_cpp
 

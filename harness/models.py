@@ -216,36 +216,27 @@ def resolve_model(name: str, prepare: bool = True) -> ModelSource:
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".gguf", ".model", ".txt", ".py")
 
 
+SAMPLE_BYTES = 1 << 20  # fingerprint: the first, middle and last MiB of each file
+
+
 def model_fingerprint(source: ModelSource) -> str:
-    """sha256 over a model folder's weight, config and tokenizer files (names, sizes, contents):
-    two runs with the same fingerprint ran the same model, so one may reuse the other's reference
-    (`harness run --reference-from`). Contents are hashed once per file version (path, size,
-    mtime) and cached; a model that is not a local folder (a hub id) is fingerprinted by name."""
+    """sha256 over a model folder's weight, config and tokenizer files: names, sizes and three
+    1 MiB samples of each (start, middle, end; the whole file when smaller). Two runs with the
+    same fingerprint ran the same model files, so one may reuse the other's reference
+    (`harness run --reference-from`); other weights differ in every sample. Sampled, because
+    hashing a 7B model whole took ~30 s at plan time (13.5 GB, benchmarks/results/engine-h200).
+    A model that is not a local folder (a hub id) is fingerprinted by name."""
     folder = Path(source.path)
     if not folder.is_dir():
         return hashlib.sha256(f"{source.kind}:{source.name}".encode()).hexdigest()
-    cache_file = cache_root() / "fingerprints.json"
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
     whole = hashlib.sha256()
-    changed = False
     for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES):
-        st = f.stat()
-        version = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if version not in known:
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            known[version], changed = h.hexdigest(), True
-        whole.update(f"{f.relative_to(folder)}:{st.st_size}:{known[version]}\n".encode())
-    if changed:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache_file)
+        size = f.stat().st_size
+        whole.update(f"{f.relative_to(folder)}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
+                fh.seek(offset)
+                whole.update(fh.read(SAMPLE_BYTES))
     return whole.hexdigest()
 
 

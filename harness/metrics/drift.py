@@ -7,8 +7,9 @@ KL(P_ref || P_q) and top-1 agreement, pooled into position buckets of `bucket` t
 (1 .. seq_len-1), so the first bucket [0, bucket) holds bucket-1 tokens.
 
 Free-running: greedy decoding (`module.generate(do_sample=False, **qmodel.generate_kwargs)`, the
-prompts batched: they have equal length, so no padding; models without a torch `generate`, e.g.
-llama.cpp, decode greedily through their logits) from the same prompts with both models (the reference cell stores its continuations in
+prompts batched: they have equal length, so no padding; llama.cpp decodes on its own KV cache,
+`QuantizedModel.greedy_continuations`; other models without a `generate` take the argmax of their
+logits, recomputed each step) from the same prompts with both models (the reference cell stores its continuations in
 `drift-greedy-<key>.json`); the first generated position whose token differs (or where
 only one model stopped) is that prompt's divergence point. A prompt that never diverges within
 `new_tokens` is censored at `new_tokens`: percentiles count it there, and the fraction of such
@@ -101,6 +102,9 @@ def greedy(qmodel, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> t
     """Greedy continuations of prompts (k, len) of equal length (no padding needed, so one
     batched `generate` gives each row what it would alone, up to float rounding), each cut after
     its first EOS; and how they were produced."""
+    native = qmodel.greedy_continuations(prompts, new_tokens, eos)
+    if native is not None:
+        return native, "the runtime's own decoding (KV cache)"
     module = qmodel.module
     if callable(getattr(module, "generate", None)):
         with torch.no_grad():  # not inference_mode: quanto's packed weights refuse it
@@ -119,7 +123,7 @@ def greedy(qmodel, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> t
                 break
             ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
         continuations.append(tokens)
-    return continuations, "argmax of logits (no torch generate)"
+    return continuations, "argmax of logits, recomputed each step (no generate, no KV cache)"
 
 
 def generation_values(positions: list[int | None], new_tokens: int, detail: dict) -> list[MetricValue]:
