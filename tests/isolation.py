@@ -60,7 +60,6 @@ def pytest_runtest_logreport(report: TestReport) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     _config[:] = [config]
-    config.addinivalue_line("markers", "native: runs native code in-process; isolated in a child pytest (tests/isolation.py)")
 
 
 # -- parent side ---------------------------------------------------------------------------------------

@@ -51,8 +51,14 @@ def test_plain_in_child():
 
 def test_a_native_crash_fails_one_test(tmp_path: Path) -> None:
     shutil.copy(TESTS / "isolation.py", tmp_path / "isolation.py")
-    (tmp_path / "conftest.py").write_text(
-        "from isolation import pytest_configure, pytest_runtest_logreport, pytest_runtest_logstart, pytest_runtest_protocol  # noqa\n")
+    (tmp_path / "conftest.py").write_text(textwrap.dedent("""
+        from isolation import pytest_configure as configure, pytest_runtest_logreport, pytest_runtest_logstart, pytest_runtest_protocol  # noqa
+
+
+        def pytest_configure(config):
+            configure(config)
+            config.addinivalue_line("markers", "native: in a child pytest")
+        """))
     (tmp_path / "test_crashy.py").write_text(textwrap.dedent(CRASHY))
     (tmp_path / "test_plain.py").write_text(
         "import os\n\ndef test_in_parent():\n    assert not os.environ.get('QHARNESS_ISOLATED_REPORTS')\n")

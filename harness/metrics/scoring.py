@@ -168,7 +168,7 @@ def _split_head(qmodel) -> tuple[Callable, Callable] | None:
             out = decoder(input_ids=probe, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             parts = head(hidden).float()
-        tol = 1e-4 if whole.dtype == torch.float32 and next(module.parameters()).dtype == torch.float32 else 2e-2
+        tol = 1e-4 if next(module.parameters()).dtype == torch.float32 else 2e-2  # else half-precision rounding
         if parts.shape != whole.shape or not torch.allclose(parts, whole, rtol=tol, atol=tol * whole.abs().max().item()):
             return None
         return decoder, head
@@ -266,7 +266,10 @@ class Scorer:
         if device.type != "cuda":
             return CPU_BATCH_TOKENS
         free, _ = torch.cuda.mem_get_info(device)
-        return int(max(512, min(MAX_BATCH_TOKENS, free * 0.5 / _bytes_per_token(self.qmodel))))
+        per_token = _bytes_per_token(self.qmodel)
+        if self.head.split is None:  # the model's whole float32 logits come out of its forward
+            per_token += 4 * (getattr(getattr(self.qmodel.module, "config", None), "vocab_size", None) or 131072)
+        return int(max(512, min(MAX_BATCH_TOKENS, free * 0.5 / per_token)))
 
     def _score(self, rows: list[Row], todo: list[int], keys: list[str], has_ref: list[bool], batch_tokens: BatchTokens):
         """Yields (row index, RowScores) for the rows in `todo`. Rows that read the same tokens
