@@ -24,7 +24,7 @@ import torch
 from harness.adapters import get_adapter
 from harness.data import eval_token_stream
 from harness.metrics.divergence import token_divergence
-from harness.metrics.scoring import ReferenceStore, Scorer
+from harness.metrics.scoring import ReferenceStore, Scorer, row_key, window_row
 from harness.models import load_model, resolve_model
 from harness.provenance import collect
 
@@ -51,7 +51,7 @@ def main() -> None:
     ref_logp = torch.log_softmax(ref_logits[:, :-1].double(), -1)
     with tempfile.TemporaryDirectory() as tmp:
         store = ReferenceStore(Path(tmp))
-        Scorer(fp32, record=store).windows(windows)
+        Scorer(fp32, record=store, record_keys={row_key(window_row(w)) for w in windows}).windows(windows)
         n_tok = args.windows * (args.seq_len - 1)
         print(f"{'variant':24s} {'store':>10s} {'exact KLD':>11s} {'stored KLD':>11s} {'rel. diff':>10s} "
               f"{'max |d|/tok':>11s} {'tail mass':>9s} {'bytes/tok':>9s}")
