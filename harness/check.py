@@ -1,4 +1,6 @@
-"""`harness check RUN [--baseline RUN]`: the suite's gates judged noise-aware, for CI.
+"""`harness check RUN [--baseline RUN]`: the suite's gates judged noise-aware, for CI; with no
+gates declared and a baseline, the default regression gate (every quality metric, by its declared
+direction, not worse than the baseline beyond noise).
 
 Builds on harness.gates: the same GateSpec (from the suite the run was made with, run.json, or
 from --gates FILE), evaluated with z > 0 so that a bound is violated only beyond the combined
@@ -15,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from harness.compare import run_summary
+from harness.compare import compare_runs, fmt_delta, fmt_value, run_summary
 from harness.errors import HarnessError
 from harness.gates import GateResult, GateSpec, evaluate
 from harness.store import RunDir
@@ -76,20 +78,45 @@ def failed_cells(run: RunDir) -> list[GateResult]:
     return out
 
 
+DEFAULT_GATE = "default regression gate"
+
+
+def default_gate(base: RunDir, run: RunDir, z: float) -> list[GateResult]:
+    """With no gates declared: every quality metric (as its measurement declares it, with a better
+    direction) of every cell both runs measured must not be worse than in the baseline beyond z
+    standard errors (paired per token or per item where both scored the same ones). A variant
+    swapped in under the same backend is judged against the one it replaced."""
+    cmp = compare_runs(base, run, z=z, match_swapped=True)
+    out = []
+    for d in cmp.deltas:
+        if d.kind != "quality" or d.direction == 0 or d.delta is None:
+            continue
+        worse = d.verdict == "regression"
+        how = fmt_delta(d) + ("" if d.z is not None else ", no uncertainty recorded: not judged")
+        detail = (f"worse than the baseline beyond {z:g} sigma: {fmt_value(d.base, d.base_sigma)} -> "
+                  f"{fmt_value(d.cand, d.cand_sigma)} ({how})" if worse else f"{d.verdict}: {how}")
+        out.append(GateResult(f"{DEFAULT_GATE}: {d.measurement}/{d.metric}", f"{d.model} {d.cell}", d.cand, not worse,
+                              detail))
+    if not out:
+        out.append(GateResult(DEFAULT_GATE, "-", None, False, "no quality metric measured by both runs on the same cells"))
+    return out
+
+
 def check_run(run: str | Path, baseline: str | Path | None = None, z: float = 2.0,
               gates_file: str | Path | None = None, allow_failed_cells: bool = False) -> CheckResult:
     t0 = time.perf_counter()
     rd = RunDir(run)
     gates = load_gates(rd, gates_file)
-    if not gates:
-        raise HarnessError(f"no gates to check: the suite of '{rd.path}' declares no `gates:` (or pass --gates FILE)")
+    if not gates and baseline is None:
+        raise HarnessError(f"no gates to check: the suite of '{rd.path}' declares no `gates:`; pass --baseline RUN "
+                           "for the default regression gate, or --gates FILE")
     if z < 0:
         raise HarnessError(f"--z must be >= 0 (got {z:g})")
     base_rd = RunDir(baseline) if baseline is not None else None
     base_records = base_rd.current_records() if base_rd is not None else None
     if base_rd is not None:
         base_rd.run_info()
-    results = evaluate(gates, rd.current_records(), base_records, z=z)
+    results = evaluate(gates, rd.current_records(), base_records, z=z) if gates else default_gate(base_rd, rd, z)
     if not allow_failed_cells:
         results += failed_cells(rd)
     return CheckResult(run_summary(rd), run_summary(base_rd) if base_rd else None, results, time.perf_counter() - t0)

@@ -16,50 +16,31 @@ import json
 import math
 import subprocess
 from dataclasses import asdict, dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.metrics.meaning import record_spec
 from harness.records import Record
 from harness.store import RunDir
 
-# Which way is better, by metric name pattern (first match wins): -1 lower, +1 higher. A metric
-# that matches nothing is compared and shown, never flagged. Measurements named in UNJUDGED are
-# bookkeeping (wall time of a cell, quantization time without repeats): shown, never flagged.
-DIRECTIONS: tuple[tuple[str, int], ...] = (
-    # quality (a metric may carry an '@slice' suffix: ppl@corpus, kld_mean@pos, recovery@task)
-    ("*_delta*", 0), ("delta_p_mean*", 0),  # signed differences to the reference: no better direction
-    ("ppl*", -1), ("ln_ppl_ratio*", -1), ("nll*", -1), ("*perplexity*", -1), ("bits_per_byte*", -1), ("*kld*", -1),
-    ("delta_p_rms*", -1), ("top1_agreement*", +1), ("acc*", +1), ("lmeval_*acc*", +1), ("exact_match*", +1),
-    ("*recovery*", +1), ("cosine*", +1), ("mrr*", +1), ("recall_at_*", +1), ("never_diverged*", +1),
-    ("first_divergence*", +1),
-    # size
-    ("bits_per_weight*", -1), ("*_bytes*", -1), ("*memory*", -1), ("peak_*", -1),
-    # speed and cost
-    ("*tokens_s*", +1), ("*tok_s*", +1), ("*tokens_per_s*", +1), ("*throughput*", +1), ("bandwidth_utilisation*", +1),
-    ("*latency*", -1), ("energy*", -1), ("*_ms", -1), ("*seconds*", -1), ("*_s", -1),
-)
-UNJUDGED_MEASUREMENTS = ("cell", "quantize")
-EXACT_METRICS = ("bits_per_weight*", "*_bytes", "*_bytes@*", "weight_bytes*", "n_params*")
 PAIRED_METRICS = ("ppl", "nll", "ppl_ratio", "ln_ppl_ratio")
-QUIET = ("same", "noise", "unjudged")  # verdicts that need no attention
+QUIET = ("same", "noise", "unjudged", "swapped")  # verdicts that need no attention
 
 
-def direction(measurement: str, metric: str, unit: str = "") -> int:
-    if measurement in UNJUDGED_MEASUREMENTS:
-        return 0
-    for pattern, sign in DIRECTIONS:
-        if fnmatch(metric, pattern):
-            return sign
-    return {"tok/s": +1, "tokens/s": +1, "s": -1, "ms": -1}.get(unit, 0)
+def direction(r: Record) -> int:
+    """Which way is better for a record's metric (its declaration, harness.metrics.meaning): -1
+    lower, +1 higher, 0 neither or undeclared (compared and shown, never flagged)."""
+    spec = record_spec(r)
+    return spec.direction if spec else 0
 
 
-def exact(measurement: str, metric: str) -> bool:
+def exact(r: Record) -> bool:
     """Values that carry no noise (sizes counted from storage): any change is real. Every other
     value without a recorded uncertainty cannot be judged and is only shown."""
-    return measurement == "footprint" or any(fnmatch(metric, p) for p in EXACT_METRICS)
+    spec = record_spec(r)
+    return bool(spec and spec.exact)
 
 
 def record_sigma(r: Record) -> float | None:
@@ -92,6 +73,10 @@ class Delta:
     z: float | None = None
     paired: bool = False
     direction: int = 0
+    judged: bool = True  # False: bookkeeping (harness.metrics.meaning), shown but never flagged
+    kind: str = ""  # the metric's declared kind: quality, size, speed, cost, diagnostic, bookkeeping
+    detail: bool = False  # a distribution detail (percentile): in the table, not in the summary figure
+    note: str = ""  # paired items: "flips 3 c→w / 1 w→c, McNemar p=0.62"
     verdict: str = "same"  # regression | improvement | changed | same | noise | unjudged | new | gone | failed | recovered | 'a -> b'
 
     @property
@@ -188,6 +173,36 @@ def paired_z(base_rd: RunDir, b: Record, cand_rd: RunDir, c: Record, base_ref: s
     return mean / se
 
 
+def _task_outcomes(rd: RunDir, r: Record) -> tuple[np.ndarray, str] | None:
+    """Per-item outcomes behind an acc@task / acc_norm@task record, and the items' signature."""
+    metric, _, task = r.metric.partition("@")
+    if metric not in ("acc", "acc_norm") or not task or not r.cell_id:
+        return None
+    shots = (r.params or {}).get("num_fewshot", 0)
+    path = rd.path / "cells" / r.cell_id / f"task-{task}-{shots}shot.json"
+    try:
+        data = json.loads(path.read_text())
+        return np.asarray(data[metric], dtype=bool), str(data.get("signature"))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def paired_items(base_rd: RunDir, b: Record, cand_rd: RunDir, c: Record) -> tuple[float, str] | None:
+    """(z, note) of an accuracy change from the very same items in both runs: the paired standard
+    error of the per-item differences, and the flips with McNemar's exact p; None when the items differ."""
+    from harness.metrics.paired import flips
+
+    ob, oc = _task_outcomes(base_rd, b), _task_outcomes(cand_rd, c)
+    if ob is None or oc is None or ob[1] != oc[1] or ob[0].shape != oc[0].shape or ob[0].size < 2:
+        return None
+    f = flips(ob[0], oc[0])
+    diff = oc[0].astype(float) - ob[0].astype(float)
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size))
+    mean = float(diff.mean())
+    z = (0.0 if mean == 0.0 else math.copysign(math.inf, mean)) if se == 0.0 else mean / se
+    return z, f"flips {f.correct_to_wrong} c→w / {f.wrong_to_correct} w→c, McNemar p={f.mcnemar_p:.3g}"
+
+
 # -- the comparison -------------------------------------------------------------------------------
 def _cells(records: list[Record]) -> dict[str, str]:
     """cell_id -> status (ok / failed / skipped) from the driver's 'cell' records."""
@@ -208,10 +223,25 @@ def _refs(records: list[Record]) -> dict[str, str]:
     return {r.model: r.cell_id for r in records if r.is_reference}
 
 
-def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float = 2.0, min_change: float = 0.0) -> Comparison:
+def swapped_cells(bcells: dict[str, str], ccells: dict[str, str], ident: dict[str, Record]) -> dict[str, str]:
+    """candidate cell_id -> base cell_id for a variant swapped in: per model and backend, exactly one
+    cell only in the base and one only in the candidate (a recipe changed under the same backend)."""
+    slot = lambda cid: (ident[cid].model, ident[cid].backend)  # noqa: E731
+    gone: dict[tuple, list[str]] = {}
+    new: dict[tuple, list[str]] = {}
+    for cid in bcells.keys() - ccells.keys():
+        gone.setdefault(slot(cid), []).append(cid)
+    for cid in ccells.keys() - bcells.keys():
+        new.setdefault(slot(cid), []).append(cid)
+    return {new[k][0]: gone[k][0] for k in new if len(new[k]) == 1 and len(gone.get(k, [])) == 1}
+
+
+def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float = 2.0, min_change: float = 0.0,
+                 match_swapped: bool = False) -> Comparison:
     """`z`: standard errors a delta must exceed to be significant; `min_change`: relative change
     below which a significant delta still counts as unchanged (e.g. 0.02 for speed measured on
-    shared machines, where run-to-run drift exceeds the spread within a run)."""
+    shared machines, where run-to-run drift exceeds the spread within a run); `match_swapped`:
+    compare a variant swapped in with the one it replaced (swapped_cells)."""
     base_rd = base if isinstance(base, RunDir) else RunDir(base)
     cand_rd = cand if isinstance(cand, RunDir) else RunDir(cand)
     cmp = Comparison(run_summary(base_rd), run_summary(cand_rd), z)
@@ -224,28 +254,41 @@ def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float 
     bvals, cvals = _values(brecs), _values(crecs)
     brefs, crefs = _refs(brecs), _refs(crecs)
     ident = {r.cell_id: r for r in [*brecs, *crecs]}
+    swaps = swapped_cells(bcells, ccells, ident) if match_swapped else {}
 
     for cid in dict.fromkeys([*ccells, *bcells]):  # candidate order first, then cells only the base has
+        if cid in swaps.values():
+            continue  # compared under the variant that replaced it
         r0 = ident[cid]
-        bs, cs = bcells.get(cid), ccells.get(cid)
+        bid = swaps.get(cid, cid)
+        bs, cs = bcells.get(bid), ccells.get(cid)
+        if cid in swaps:
+            cmp.deltas.append(Delta(r0.model, r0.backend, f"{ident[bid].variant} -> {r0.variant}", cid, "cell", "status",
+                                    "", None, None, verdict="swapped"))
         if bs != cs:
             verdict = ("new" if bs is None else "gone" if cs is None else "failed" if cs == "failed"
                        else "recovered" if bs == "failed" and cs == "ok" else f"{bs} -> {cs}")
             cmp.deltas.append(Delta(r0.model, r0.backend, r0.variant, cid, "cell", "status", "", None, None, verdict=verdict))
         for key in [k for k in cvals if k[0] == cid]:
-            b, c = bvals.get(key), cvals.get(key)
+            b, c = bvals.get((bid, *key[1:])), cvals.get(key)
             if b is None:
                 continue  # a metric on one side only (a newer measurement): nothing to compare
-            d = Delta(c.model, c.backend, c.variant, cid, c.measurement, c.metric, c.unit, b.value, c.value,
-                      record_sigma(b), record_sigma(c), direction=direction(c.measurement, c.metric, c.unit))
+            spec = record_spec(c)
+            variant = c.variant if bid == cid else f"{b.variant} -> {c.variant}"
+            d = Delta(c.model, c.backend, variant, cid, c.measurement, c.metric, c.unit, b.value, c.value,
+                      record_sigma(b), record_sigma(c), direction=spec.direction if spec else 0,
+                      judged=spec is None or spec.judged, kind=spec.kind if spec else "", detail=bool(spec and spec.detail))
             pz = paired_z(base_rd, b, cand_rd, c, brefs.get(b.model), crefs.get(c.model))
+            items = paired_items(base_rd, b, cand_rd, c) if pz is None else None
+            if items is not None:
+                pz, d.note = items
             if pz is not None:
                 d.paired, d.z = True, pz
                 d.sigma = 0.0 if math.isinf(pz) else (abs(d.delta / pz) if pz else None)
             elif d.base_sigma is not None or d.cand_sigma is not None:
                 d.sigma = math.hypot(d.base_sigma or 0.0, d.cand_sigma or 0.0)
                 d.z = d.delta / d.sigma if d.sigma > 0 else (0.0 if d.delta == 0 else math.copysign(math.inf, d.delta))
-            elif exact(c.measurement, c.metric):  # sizes counted from storage: any change is real
+            elif exact(c):  # sizes counted from storage: any change is real
                 d.z = 0.0 if d.delta == 0 else math.copysign(math.inf, d.delta)
             d.verdict = _verdict(d, z, min_change)
             cmp.deltas.append(d)
@@ -257,7 +300,7 @@ def compare_runs(base: str | Path | RunDir, cand: str | Path | RunDir, z: float 
 def _verdict(d: Delta, z: float, min_change: float = 0.0) -> str:
     if d.delta == 0:
         return "same"
-    if d.measurement in UNJUDGED_MEASUREMENTS or d.z is None:
+    if not d.judged or d.z is None:
         return "unjudged"  # bookkeeping times, or no uncertainty to judge a change by
     if abs(d.z) <= z or (d.rel is not None and abs(d.rel) < min_change):
         return "noise"
@@ -316,7 +359,7 @@ def fmt_delta(d: Delta) -> str:
         return d.verdict
     rel = f" ({d.rel:+.2%})" if d.rel is not None else ""
     zt = "" if d.z is None else (f", z={d.z:+.1f}" if math.isfinite(d.z) else ", exact")
-    return f"{d.delta:+.4g}{rel}{zt}{' paired' if d.paired else ''}"
+    return f"{d.delta:+.4g}{rel}{zt}{' paired' if d.paired else ''}{f' ({d.note})' if d.note else ''}"
 
 
 def markdown(cmp: Comparison, limit: int = 50) -> str:

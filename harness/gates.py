@@ -20,10 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from harness.records import Record, instance_label, measurement_instance, record_corpus
 
 
+# Shorthands users of quantization CI expect (llm-compressor fails a model below 95% recovery per
+# metric): `{min_recovery: 95}` (optionally `task: hellaswag`), `{max_flip_rate: 0.1}`, `{max_kld: 0.05}`.
+SHORTHANDS = {"min_recovery": ("recovery@{task}", "min"), "max_flip_rate": ("flip_rate@{task}", "max"),
+              "max_kld": ("kld_mean", "max")}
+
+
 class GateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    metric: str
+    metric: str = Field(description="a metric name, or an fnmatch pattern (recovery@*)")
     measurement: str | None = None
     corpus: str | None = Field(None, description="only records measured on this corpus (a suite may measure a metric on two)")
     cells: list[str] = Field(default_factory=lambda: ["*"])
@@ -33,6 +39,26 @@ class GateSpec(BaseModel):
     min_ratio: float | None = Field(None, gt=0)
     max_baseline_ratio: float | None = Field(None, gt=0, description="value / baseline run's value must be <= this")
     min_baseline_ratio: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, raw):
+        if not isinstance(raw, dict):
+            return raw
+        given = [k for k in SHORTHANDS if k in raw]
+        if not given:
+            if "task" in raw:
+                raise ValueError("'task' goes with min_recovery or max_flip_rate")
+            return raw
+        if len(given) > 1 or "metric" in raw:
+            raise ValueError(f"use one of {', '.join(SHORTHANDS)} alone, without 'metric'")
+        raw = dict(raw)
+        template, bound = SHORTHANDS[given[0]]
+        task = raw.pop("task", None)
+        if task is not None and "{task}" not in template:
+            raise ValueError(f"'task' does not apply to {given[0]}")
+        value = raw.pop(given[0])
+        return {**raw, "metric": template.format(task=task or "*"), bound: value}
 
     @model_validator(mode="after")
     def _one_bound(self):
@@ -67,7 +93,7 @@ class GateResult:
 def _matches(r: Record, gate: GateSpec) -> bool:
     if gate.corpus is not None and record_corpus(r.params) != gate.corpus:
         return False
-    return r.metric == gate.metric and (gate.measurement is None or r.measurement == gate.measurement)
+    return (r.metric == gate.metric or fnmatch(r.metric, gate.metric)) and (gate.measurement is None or r.measurement == gate.measurement)
 
 
 def _instance(r: Record) -> str:
@@ -122,8 +148,8 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
             results.append(GateResult(gate.describe(), "-", None, False, f"no successful records of metric '{gate.metric}'"))
             continue
         # a cell is compared with the reference / baseline value of its own measurement instance
-        refs = {(r.model, _instance(r)): r for r in rows if r.is_reference}
-        bases = {(r.cell_id, _instance(r)): r for r in baseline or []
+        refs = {(r.model, r.metric, _instance(r)): r for r in rows if r.is_reference}
+        bases = {(r.cell_id, r.metric, _instance(r)): r for r in baseline or []
                  if _matches(r, gate) and r.status == "ok" and r.cell_id in base_ok}
         several = len({_instance(r) for r in rows}) > 1
         for r in rows:
@@ -138,7 +164,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
             _check("", r.value, sigma, gate.max, True, z, failures, notes)
             _check("", r.value, sigma, gate.min, False, z, failures, notes)
             if gate.max_ratio is not None or gate.min_ratio is not None:
-                ref = refs.get((r.model, instance))
+                ref = refs.get((r.model, r.metric, instance))
                 if ref is None or not ref.value:
                     failures.append("no reference value for a ratio gate")
                 else:
@@ -148,7 +174,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
                     _check("ratio ", ratio, sigma, gate.min_ratio, False, z, failures, notes)
             skipped = False
             if baseline is not None and (gate.max_baseline_ratio is not None or gate.min_baseline_ratio is not None):
-                base = bases.get((r.cell_id, instance))
+                base = bases.get((r.cell_id, r.metric, instance))
                 if base is None or not base.value:
                     parts.append("not in the baseline run: baseline bound not checked")
                     skipped = gate.baseline_only
@@ -159,6 +185,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
                     _check("baseline ratio ", ratio, sigma, gate.min_baseline_ratio, False, z, failures, notes)
             detail = "; ".join(failures) if failures else (", ".join(parts + notes) or f"{r.value:.4g}")
             where = f" [{instance_label(instance)}]" if several else ""
+            where += f" {r.metric}" if r.metric != gate.metric else ""  # a pattern gate (recovery@*): which metric
             results.append(GateResult(gate.describe(), f"{r.model} {name}{where}", r.value, not failures, detail,
                                       skipped=skipped and not failures))
     return results

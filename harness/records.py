@@ -41,6 +41,11 @@ class Record(CellIdentity):
     uncertainty_kind: str | None = None  # "stderr" (1 sigma) unless stated
     protocol: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # what the metric means, stamped from its measurement's declaration (harness.metrics.meaning):
+    # +1 higher is better, -1 lower, 0 neither; quality | size | speed | cost | diagnostic | bookkeeping.
+    # None in runs written before declarations: readers ask harness.metrics.meaning.record_spec.
+    direction: int | None = None
+    kind: str | None = None
     status: Literal["ok", "failed", "skipped"] = "ok"
     error: str | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)  # per-cell: backend versions, kernel

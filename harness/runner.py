@@ -44,7 +44,7 @@ def cell_records(cell: CellSpec, run_id: str, hardware_profile: str, outcome: Ce
     }
     records = [Record(**identity, **value, provenance={}) for value in outcome.values]
     records.append(Record(
-        **identity, measurement="cell", metric="duration_s", value=outcome.duration_s, unit="s", n=1,
+        **identity, measurement="cell", metric="duration_s", value=outcome.duration_s, unit="s", n=1, direction=0, kind="bookkeeping",
         status=outcome.status, error=outcome.error, provenance=outcome.provenance,
     ))
     return records

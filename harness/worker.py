@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from harness.models import quiet_libraries
@@ -30,8 +30,13 @@ class Emitter:
     def __init__(self, cell_dir: Path):
         self.path = cell_dir / VALUES
 
-    def values(self, measurement: str, values) -> None:
-        payload = "".join(json.dumps({"measurement": measurement, **asdict(v)}) + "\n" for v in values)
+    def values(self, measurement: str, values, declared=None) -> None:
+        """Append `values` (MetricValues) of `measurement`, each stamped with what it means: its
+        declaration in `declared` (default: the harness's own groups, harness.metrics.meaning)."""
+        from harness.metrics.meaning import MEASURED_BY_EVERY_CELL, stamp
+
+        declared = MEASURED_BY_EVERY_CELL[measurement] if declared is None else declared
+        payload = "".join(json.dumps({"measurement": measurement, **stamp(measurement, v, declared)}) + "\n" for v in values)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, payload.encode())
@@ -53,6 +58,7 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     from harness.adapters.base import CalibrationSet
     from harness.metrics import get_measurement
     from harness.metrics.base import CellContext, MetricValue
+    from harness.metrics.meaning import MEASUREMENT_TIMING
     from harness.metrics.scoring import cell_scorer, declare_reference_windows
     from harness.models import load_model, resolve_model
     from harness.suite import CellSpec
@@ -124,7 +130,8 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     for measurement, params in measurements:
         t0, before = time.perf_counter(), replace(scorer.stats)
         values = measurement.run(ctx, params)
-        emit.values(measurement.name, values + measurement_timing(time.perf_counter() - t0, scorer.stats.since(before)))
+        emit.values(measurement.name, values + measurement_timing(time.perf_counter() - t0, scorer.stats.since(before)),
+                    measurement.metrics + MEASUREMENT_TIMING)
     phase("measure_s", time.perf_counter() - measure_start, reference_store_bytes=scorer.record.bytes() if scorer.record else 0)
 
     provenance = {

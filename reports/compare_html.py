@@ -5,7 +5,6 @@ Offline like the run report: plotly.js is inlined once and nothing refers to an 
 from __future__ import annotations
 
 import html
-import re
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -80,8 +79,7 @@ MAX_BARS = 60  # the page stays light: the most significant changes; the table b
 
 
 def delta_figure(cmp: Comparison) -> go.Figure | None:
-    rows = [d for d in cmp.deltas if d.direction and d.rel is not None and "@" not in d.metric
-            and not re.search(r"_p\d", d.metric)]
+    rows = [d for d in cmp.deltas if d.direction and d.rel is not None and "@" not in d.metric and not d.detail]
     if not rows:
         return None
     if len(rows) > MAX_BARS:

@@ -7,7 +7,6 @@ plotly.js is embedded once, inline, and nothing refers to an outside URL."""
 
 from __future__ import annotations
 
-import re
 
 import html
 import json
@@ -23,6 +22,7 @@ import plotly.offline
 from jinja2 import Environment
 from markupsafe import Markup
 
+from harness.metrics.meaning import spec_for
 from harness.records import measurement_instance, record_corpus
 from harness.reports.sections import build_sections
 from harness.store import RunDir, load_records
@@ -51,15 +51,13 @@ class QualitySpec:
         return (self.measurement, self.metric)
 
 
-def quality_spec(measurement: str, metric: str) -> QualitySpec | None:
-    """Which recorded metrics count as quality (frontier y axis); everything else is a plain column."""
-    if metric == "ppl":
-        return QualitySpec(measurement, metric, "Perplexity", True, "tokens")
-    if metric == "kld_mean":
-        return QualitySpec(measurement, metric, "Mean KL divergence from the reference", True, "tokens")
-    if metric in ("acc", "accuracy", "acc_norm", "exact_match"):
-        return QualitySpec(measurement, metric, metric.replace("_", " ").capitalize(), False, "examples")
-    return None
+def quality_spec(measurement: str, metric: str, direction=None, kind=None) -> QualitySpec | None:
+    """A frontier y axis when the metric's declaration makes it a headline quality metric
+    (harness.metrics.meaning); everything else is a plain column."""
+    spec = spec_for(measurement, metric, direction, kind)
+    if spec is None or spec.kind != "quality" or not spec.headline or spec.direction == 0:
+        return None
+    return QualitySpec(measurement, metric, spec.headline, spec.direction < 0, spec.samples)
 
 
 @dataclass(frozen=True)
@@ -160,8 +158,9 @@ def _ok_metric(df: pd.DataFrame, measurement: str | None, metric: str) -> pd.Dat
 
 def _quality_specs(df: pd.DataFrame) -> list[QualitySpec]:
     ok = df[(df["status"] == "ok") & df["value"].notna()]
-    keys = ok[["measurement", "metric"]].drop_duplicates().itertuples(index=False)
-    specs = [quality_spec(m, k) for m, k in keys]
+    cols = [c for c in ("measurement", "metric", "direction", "kind") if c in ok.columns]
+    keys = ok[cols].drop_duplicates(subset=["measurement", "metric"]).itertuples(index=False)
+    specs = [quality_spec(*k) for k in keys]
     return sorted((s for s in specs if s is not None), key=lambda s: s.key)
 
 
@@ -297,11 +296,12 @@ def _num(v: Any) -> str:
     return "" if _missing(v) else repr(float(v))
 
 
-def _detail_metric(metric: str) -> bool:
+def _detail_metric(measurement: str, metric: str, direction=None, kind=None) -> bool:
     """Distribution details (percentiles) and restatements (nll, ln ratio) stay in the records:
-    one column each would bury the table."""
+    one column each would bury the table (their declarations say which, harness.metrics.meaning)."""
     # "<metric>@<slice>" (per position bucket, per layer, ...): drawn by their own report sections
-    return bool(re.search(r"_p\d", metric)) or metric in ("nll", "ln_ppl_ratio") or "@" in metric
+    spec = spec_for(measurement, metric, direction, kind)
+    return "@" in metric or bool(spec and (spec.detail or spec.restates))
 
 
 def cell_kernel(cell_record: Any) -> str:
@@ -319,11 +319,12 @@ def cell_table(df: pd.DataFrame) -> Table:
     specs = _quality_specs(df)
     ok = df[(df["status"] == "ok") & df["value"].notna()] if not df.empty else df
     known = {s.key for s in specs} | {QUANTIZE_SECONDS, CELL_SECONDS, CELL_STATUS}
+    stamps = [ok[c] if c in ok.columns else [None] * len(ok) for c in ("direction", "kind")]
     generic = sorted(
         {
             (m, k, u)
-            for m, k, u in ok[["measurement", "metric", "unit"]].itertuples(index=False)
-            if (m, k) not in known and k not in (BITS, BYTES) and not _detail_metric(k)
+            for m, k, u, d, kd in zip(ok["measurement"], ok["metric"], ok["unit"], *stamps)
+            if (m, k) not in known and k not in (BITS, BYTES) and not _detail_metric(m, k, d, kd)
         }
     )
 

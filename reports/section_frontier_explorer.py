@@ -4,18 +4,16 @@ a better direction (ppl, ppl ratio, mean KLD, top-1 agreement, task accuracy / r
 
 The fixed frontier figures above show the headline pairs; this one keeps the page light while
 letting a reader try any pair. The Pareto front honours each axis's direction (speed: higher is
-better, size: lower; the y metric's own direction from harness.compare.direction)."""
+better, size: lower; the y metric's own direction from its declaration, harness.metrics.meaning)."""
 
 from __future__ import annotations
 
 import html
-import re
-from fnmatch import fnmatch
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from harness.compare import direction
+from harness.metrics.meaning import spec_for
 from harness.records import instance_label, measurement_instance
 from harness.reports.html import pareto_front
 from harness.reports.sections import Section
@@ -26,11 +24,7 @@ X_CHOICES = (
     (("weight_bytes",), "weight MB", "weight size (MB = 10^6 bytes)", 1e6, True),
     (("decode_tokens_s", "tokens_per_s"), "decode tok/s", "decode speed (tokens/s, higher is better)", 1.0, False),
 )
-NOT_QUALITY = {"footprint", "cell", "quantize", "speed", "memory", "ceilings", "encoder-speed", "training", "decode",
-               "prefill", "latency", "kv-cache"}
-NOT_QUALITY_METRICS = ("*tokens_s*", "*tok_s*", "*tokens_per_s*", "*throughput*", "*latency*", "*_s", "*seconds*",
-                       "*_bytes*", "*memory*", "energy*", "bandwidth*", "bits_per_weight*")  # speed, cost and size
-RESTATEMENTS = {"nll", "ln_ppl_ratio"}
+
 
 
 def _per_cell(ok: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
@@ -41,14 +35,22 @@ def _per_cell(ok: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
     return ok.iloc[0:0]
 
 
+def _spec(rows: pd.DataFrame):
+    """The declaration of the metric in `rows` (one measurement and metric), stamps first."""
+    first = rows.iloc[0]
+    return spec_for(first["measurement"], first["metric"], first.get("direction"), first.get("kind"))
+
+
 def _y_metrics(ok: pd.DataFrame) -> list[tuple[str, str, str | None]]:
     """(measurement, metric, instance): the instance (protocol|corpus) only where a suite measured
     the metric more than once, so two corpora never share one curve."""
     out = []
     for (meas, metric), g in ok.groupby(["measurement", "metric"], sort=True):
-        if (meas in NOT_QUALITY or metric in RESTATEMENTS or "@" in metric or re.search(r"_p\d", metric)
-                or any(fnmatch(metric, p) for p in NOT_QUALITY_METRICS)
-                or direction(meas, metric) == 0 or g["cell_id"].nunique() < 2):
+        spec = _spec(g)
+        # quality with a better direction, said once (nll restates ppl), one value per cell (a
+        # metric@slice is one of many: per task, per position; the task and drift sections draw those)
+        if (spec is None or spec.kind != "quality" or spec.direction == 0 or spec.restates or "@" in metric
+                or g["cell_id"].nunique() < 2):
             continue
         keys = sorted(g["instance"].unique())
         out += [(meas, metric, key) for key in (keys if len(keys) > 1 else [None])]
@@ -81,7 +83,7 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
         if pts.empty:
             continue
         pts = pts.assign(x=pts["x"] / scale).reset_index(drop=True)
-        y_lower = direction(meas, metric) < 0
+        y_lower = _spec(yrows).direction < 0
         start = len(fig.data)
         front = pareto_front([(x if x_lower else -x, y) for x, y in zip(pts["x"], pts["value"])], y_lower)
         if front:

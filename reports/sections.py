@@ -16,6 +16,7 @@ from harness.registry import import_object
 # name -> "module:builder"; order is page order.
 SECTIONS: dict[str, str] = {
     "frontier-explorer": "harness.reports.section_frontier_explorer:build",
+    "power": "harness.reports.section_power:build",
     "tasks": "harness.reports.section_tasks:build",
     "drift": "harness.reports.section_drift:build",
     "outliers": "harness.reports.section_outliers:build",

@@ -60,7 +60,8 @@ def make_run(path: Path, nll: dict[str, np.ndarray], tok_s: dict[str, tuple[floa
         if tok_s and cell in tok_s:
             v, unc, samples = tok_s[cell]
             recs.append(Record(**ident, measurement="decode", metric="tokens_per_s", value=v, unit="tok/s", n=len(samples),
-                               uncertainty=unc, protocol="decode", params={"samples_s": samples, "new_tokens": 32}))
+                               uncertainty=unc, protocol="decode", params={"samples_s": samples, "new_tokens": 32},
+                               direction=1, kind="speed"))  # a plugin's measurement: its records carry their meaning
         status = "failed" if cell in failed else "ok"
         recs.append(Record(**ident, measurement="cell", metric="status", status=status,
                            error="worker died: signal SIGSEGV" if status == "failed" else None))

@@ -116,9 +116,22 @@ def _run(path: Path, shift: float) -> RunDir:
             Record(**ident, measurement="footprint", metric="bits_per_weight", value=bits, unit="bits"),
             Record(**ident, measurement="footprint", metric="weight_bytes", value=bits / 8 * 1.35e8, unit="bytes"),
             Record(**ident, measurement="decode", metric="tokens_per_s", value=1 / np.mean(samples), unit="tok/s", n=5,
-                   uncertainty=2.0, protocol="decode", params={"samples_s": samples}),
+                   uncertainty=2.0, protocol="decode", params={"samples_s": samples}, direction=1, kind="speed"),
+            Record(**ident, measurement="tasks", metric="acc@piqa", value=0.6 if ref else 0.55, unit="fraction", n=16,
+                   uncertainty=0.12, protocol="loglikelihood", params={"task": "piqa", "num_fewshot": 0, "limit": 16}),
             Record(**ident, measurement="cell", metric="status"),
         ])
+        if not ref:
+            task = {"task": "piqa", "num_fewshot": 0, "limit": 16}
+            rd.append([
+                Record(**ident, measurement="tasks", metric="recovery@piqa", value=91.7, unit="%", n=16, uncertainty=9.0,
+                       protocol="loglikelihood", params={**task, "mde": 62.5}),
+                Record(**ident, measurement="tasks", metric="flip_rate@piqa", value=0.1875, unit="fraction", n=16,
+                       uncertainty=0.1, protocol="loglikelihood",
+                       params={**task, "correct_to_wrong": 2, "wrong_to_correct": 1, "mcnemar_p": 1.0}),
+                Record(**ident, measurement="perplexity", metric="ppl_ratio", value=ppl / 10.0, unit="x", n=4096,
+                       uncertainty=0.002, protocol="gptq", params={"corpus": "boolq-wiki", "mde": 0.0056}),
+            ])
     rd.append([Record(cell_id="rtn-int2", suite="s", model="tiny", backend="rtn", variant="int2", device="cpu",
                       run_id=path.name, measurement="cell", metric="status", status="failed", error="worker died: SIGSEGV")])
     return rd
@@ -132,6 +145,8 @@ def test_run_report_renders_in_chromium(tmp_path):
     assert errors == [], errors
     assert_figures_rendered(dom, at_least=2)  # frontier(s) at least; sections add more
     assert "worker died: SIGSEGV" in dom  # failed cells with reasons
+    assert "What this run could detect" in dom and "The sensitive measurement of this run: perplexity ratio" in dom
+    assert "McNemar p" in dom and "2 / 1" in dom and "62.5 (underpowered)" in dom  # flips, and no finding from 16 items
     screenshot(page, tmp_path / "run-report.png")
 
 

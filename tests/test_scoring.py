@@ -195,3 +195,46 @@ def _tmp():
     from pathlib import Path
 
     return Path(tempfile.mkdtemp(prefix="qh-store-"))
+
+
+@pytest.mark.parametrize("protocol", ["gptq", "lm-eval"])
+def test_measurements_do_not_move_with_batch_size(tmp_path, protocol) -> None:
+    """Perplexity, divergence and tasks through their measurements, at a batch of one window (or
+    one task request) and at a batch of everything: equal to 1e-6 relative on CPU fp32."""
+    import os
+
+    from harness.metrics.base import CellContext
+    from harness.metrics.divergence import Divergence, DivergenceParams
+    from harness.metrics.perplexity import Perplexity, PerplexityParams
+    from harness.metrics.scoring import cell_scorer, declare_reference_windows
+    from harness.metrics.tasks import Tasks, TasksParams
+    from harness.models import load_model, resolve_model
+
+    os.environ.setdefault("QHARNESS_CACHE", str(tmp_path / "cache"))
+    source = resolve_model("tiny:llama")
+    fp, rtn = get_adapter("fp"), get_adapter("rtn")
+    model, tok = load_model(source)
+    ref = fp.quantize(model, fp.parse_variant({"dtype": "float32"}), None, CPU)
+    q = rtn.quantize(load_model(source)[0], rtn.parse_variant({"bits": 3, "group_size": 32}), None, CPU)
+
+    def measure(batch_tokens, folder):
+        ref_dir, cell_dir = folder / "ref", folder / "q"
+        ref_dir.mkdir(parents=True)
+        cell_dir.mkdir()
+        ppl = (Perplexity(), PerplexityParams(protocol=protocol, seq_len=32, max_windows=4, batch_tokens=batch_tokens))
+        div = (Divergence(), DivergenceParams(seq_len=32, max_windows=3, batch_tokens=batch_tokens))
+        tasks = (Tasks(), TasksParams(tasks=("piqa",), limit=6, max_length=128, batch_tokens=batch_tokens))
+        out = {}
+        for qmodel, folder_, is_ref in ((ref, ref_dir, True), (q, cell_dir, False)):
+            ctx = CellContext(qmodel=qmodel, tokenizer=tok, model_name="tiny:llama", artifact_dir=folder_,
+                              reference_dir=None if is_ref else ref_dir, is_reference=is_ref,
+                              scorer=cell_scorer(qmodel, folder_, None if is_ref else ref_dir, is_ref))
+            declare_reference_windows(ctx, [ppl, div, tasks])
+            for m, p in (ppl, div, tasks):
+                out |= {(is_ref, v.metric): v.value for v in m.run(ctx, p)}
+        return out
+
+    one, many = measure(1, tmp_path / "one"), measure(1 << 16, tmp_path / "many")
+    assert one.keys() == many.keys() and (False, "kld_mean") in one and (False, "acc@piqa") in one
+    for key in one:
+        assert one[key] == pytest.approx(many[key], rel=1e-6, abs=1e-9), key

@@ -117,6 +117,11 @@ def test_tasks_measurement_and_recovery(tmp_path, toy_task):
     expected = T.paired_recovery(np.array(mine["acc_norm"], float), np.array(saved["acc_norm"], float))
     if expected is not None:
         assert cand["recovery@toy"].value == pytest.approx(expected[0]) and cand["recovery@toy"].params["of"] == "acc_norm"
+        r, c = np.array(saved["acc_norm"], bool), np.array(mine["acc_norm"], bool)
+        flip = cand["flip_rate@toy"]
+        assert flip.params["correct_to_wrong"] == int((r & ~c).sum()) and flip.params["wrong_to_correct"] == int((~r & c).sum())
+        assert flip.value == pytest.approx((r != c).mean()) and 0 <= flip.params["mcnemar_p"] <= 1
+        assert cand["recovery@toy"].params["mde"] >= 100 * (6 / 10) / r.mean() - 1e-9  # 10 items: McNemar's floor
     # other items: no pairing
     other = {v.metric for v in T.Tasks().run(ctx_for(tmp_path, reference_dir=ref_dir), T.TasksParams(tasks=("toy",), limit=5))}
     assert "recovery@toy" not in other
@@ -167,14 +172,16 @@ def test_report_section_renders_task_table():
             Record(cell_id="rtn", backend="rtn", variant="int4", metric="acc@piqa", value=0.5, unit="fraction", n=30,
                    uncertainty=0.09, params=params, **ident),
             Record(cell_id="rtn", backend="rtn", variant="int4", metric="recovery@piqa", value=83.3, unit="%", n=30,
-                   uncertainty=7.0, params=params, **ident)]
+                   uncertainty=7.0, params={**params, "mde": 4.0}, **ident)]
     df = pd.DataFrame([r.model_dump() for r in recs])
     section = build(df, {})
     table = section.tables[0]
     assert table.headers[5] == "acc ± se" and len(table.rows) == 2
     rtn = next(r for r in table.rows if r[1][0] == "rtn:int4")
     assert rtn[2][0] == "piqa" and rtn[5][0].startswith("0.5 ± ") and rtn[8][0].startswith("83.3 ± ")
-    assert len(section.figures) == 1
+    assert len(section.figures) == 1 and rtn[9][0] == "4"  # could see a 5-point drop: drawn
+    weak = build(df.assign(params=[{**params, "mde": 40.0}] * len(df)), {})
+    assert weak.figures == [] and "underpowered" in weak.notes[0] and "40 (underpowered)" in weak.tables[0].rows[1][9][0]
     assert build(df[df["measurement"] == "nothing"], {}) is None
 
 

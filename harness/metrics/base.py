@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from harness.metrics.meaning import MetricSpec
+
 
 class MeasurementParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -28,6 +30,10 @@ class MetricValue:
     uncertainty_kind: str | None = None
     protocol: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # where a metric's meaning is only known when it is produced (lm-eval reports higher_is_better
+    # per metric): overrides the measurement's declaration (harness.metrics.meaning)
+    direction: int | None = None
+    kind: str | None = None
 
 
 @dataclass
@@ -67,6 +73,9 @@ class Measurement(ABC):
     # loads the reference model beside the cell's own (layer-by-layer diagnostics); everything
     # else reads what the reference cell stored
     needs_reference_model: ClassVar[bool] = False
+    # what each metric it emits means (direction, kind, exact, headline): harness.metrics.meaning.
+    # The worker refuses a metric that is not declared here.
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()
 
     @abstractmethod
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]: ...

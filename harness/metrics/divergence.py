@@ -20,6 +20,8 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec, quality
+from harness.metrics.paired import MDE_PROTOCOL, stderr_mde
 from harness.metrics.scoring import BatchTokens
 
 KLD_PERCENTILES = (99.9, 99, 95, 90, 50, 10, 5, 1)
@@ -55,7 +57,8 @@ def summarize(kld: np.ndarray, agree: np.ndarray, delta_p: np.ndarray, detail: d
     top1 = float(agree.mean())
     out = [
         MetricValue("kld_mean", float(kld.mean()), "nats", n=n, uncertainty=sem(kld), uncertainty_kind="stderr (token-level)",
-                    protocol="kld", params=detail),
+                    protocol="kld", params={**detail, "mde": stderr_mde(sem(kld)), "mde_unit": "nats",
+                                           "mde_protocol": MDE_PROTOCOL}),
         MetricValue("top1_agreement", top1, "fraction", n=n, uncertainty=math.sqrt(top1 * (1 - top1) / n),
                     uncertainty_kind="stderr (binomial)", protocol="kld", params=detail),
         MetricValue("delta_p_mean", float(delta_p.mean()), "probability", n=n, uncertainty=sem(delta_p),
@@ -83,6 +86,9 @@ def eval_windows(ctx: CellContext, corpus: str, seq_len: int, max_windows: int |
 
 class Divergence(Measurement):
     name = "divergence"
+    metrics = (quality("kld_mean", -1, headline="Mean KL divergence from the reference", samples="tokens"),
+               quality("top1_agreement", +1), quality("delta_p_mean", 0), quality("delta_p_rms", -1),
+               MetricSpec("kld_p*", -1, "diagnostic", detail=True), MetricSpec("delta_p_p*", 0, "diagnostic", detail=True))
     Params = DivergenceParams
 
     def reference_windows(self, ctx: CellContext, params: DivergenceParams) -> torch.Tensor:

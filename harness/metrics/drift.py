@@ -31,6 +31,7 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec, quality
 from harness.metrics.divergence import STORED, token_divergence
 from harness.metrics.scoring import BatchTokens
 
@@ -146,6 +147,8 @@ def model_context(qmodel) -> int | None:
 
 class Drift(Measurement):
     name = "drift"
+    metrics = (quality("kld_mean@pos", -1), quality("top1_agreement@pos", +1), quality("never_diverged_fraction", +1),
+               MetricSpec("first_divergence_p*", +1, "diagnostic", detail=True))
     Params = DriftParams
 
     def _stream(self, ctx: CellContext, params: DriftParams) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec, quality
 
 COSINE_PERCENTILES = (50, 5, 1)
 PROTOCOL = "boolq-questions-to-passages"
@@ -122,6 +123,8 @@ def cosine_values(cos: np.ndarray, detail: dict) -> list[MetricValue]:
 class EmbeddingQuality(Measurement):
     needs_reference_model = True
     name = "embedding"
+    metrics = (quality("mrr", +1), quality("recall_at_*_delta", 0), quality("recall_at_*", +1), quality("mrr_delta", 0),
+               quality("cosine_mean", +1), quality("cosine_min", +1), MetricSpec("cosine_p*", +1, "diagnostic", detail=True))
     Params = EmbeddingParams
     tasks = ("encoder",)
 

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec
 
 PROTOCOL = "encoder-cpu-latency: warm-up, then per-repeat wall clock of embed() on a pre-tokenized batch"
 
@@ -41,6 +42,7 @@ def _half_iqr(values: list[float]) -> float:
 class EncoderSpeed(Measurement):
     timed = True
     name = "encoder-speed"
+    metrics = (MetricSpec("latency_b*", -1, "speed"), MetricSpec("throughput_b*", +1, "speed"))
     Params = EncoderSpeedParams
     tasks = ("encoder",)
 

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec
 
 
 class KVCacheParams(MeasurementParams):
@@ -74,6 +75,7 @@ def kv_cache_bytes(qmodel, ids: torch.Tensor) -> int:
 
 class KVCache(Measurement):
     name = "kv-cache"
+    metrics = (MetricSpec("kv_cache_bytes*", -1, "size", exact=True),)
     Params = KVCacheParams
 
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]:

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import quality
 
 
 class LmEvalParams(MeasurementParams):
@@ -65,7 +66,9 @@ def to_values(results: dict, params: LmEvalParams) -> list[MetricValue]:
                 continue
             se = metrics.get(f"{metric}_stderr,{flt}")
             se = float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None
+            better = (results.get("higher_is_better", {}).get(task) or {}).get(metric)
             out.append(MetricValue(f"lmeval_{task}_{metric}", float(value), metric, n=n, uncertainty=se,
+                                   direction=None if better is None else (1 if better else -1),
                                    uncertainty_kind="stderr (lm-eval)" if se is not None else None,
                                    protocol=f"lm-eval {results.get('lm_eval_version', '')}".strip(),
                                    params={**params.model_dump(), "task": task, "filter": flt}))
@@ -74,6 +77,8 @@ def to_values(results: dict, params: LmEvalParams) -> list[MetricValue]:
 
 class LmEval(Measurement):
     name = "lm-eval"
+    # lm-eval says per metric whether higher is better (MetricValue.direction, from its results)
+    metrics = (quality("lmeval_*", 0),)
     Params = LmEvalParams
 
     def run(self, ctx: CellContext, params: LmEvalParams) -> list[MetricValue]:

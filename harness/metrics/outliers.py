@@ -30,6 +30,7 @@ import torch
 from pydantic import Field
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec
 
 
 class OutliersParams(MeasurementParams):
@@ -154,6 +155,8 @@ def _per_layer(values: dict[str, float], metric: str, protocol: str, n: int, det
 class Outliers(Measurement):
     needs_reference_model = True
     name = "outliers"
+    metrics = (MetricSpec("*@layer", 0, "diagnostic"), MetricSpec("*_max", 0, "diagnostic"),
+               MetricSpec("layers_compared", 0, "diagnostic"))
     Params = OutliersParams
 
     def run(self, ctx: CellContext, params: OutliersParams) -> list[MetricValue]:

@@ -37,6 +37,8 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import quality
+from harness.metrics.paired import MDE_PROTOCOL, stderr_mde
 from harness.metrics.scoring import BatchTokens, Row
 
 Protocol = Literal["gptq", "lm-eval", "llama.cpp"]
@@ -242,6 +244,10 @@ PROTOCOLS: dict[str, Callable[[CellContext, PerplexityParams], Scored]] = {
 
 class Perplexity(Measurement):
     name = "perplexity"
+    metrics = (quality("ppl", -1, headline="Perplexity", samples="tokens"),
+               quality("nll", -1, restates="ppl"),
+               quality("ppl_ratio", -1), quality("ln_ppl_ratio", -1, restates="ppl_ratio"),
+               quality("word_perplexity", -1), quality("byte_perplexity", -1), quality("bits_per_byte", -1))
     Params = PerplexityParams
 
     def run(self, ctx: CellContext, params: PerplexityParams) -> list[MetricValue]:
@@ -299,7 +305,9 @@ def paired_values(paired: dict | None, protocol: str, detail: dict) -> list[Metr
     if paired is None:
         return []
     ratio = math.exp(paired["ln_ratio"])
-    params = {**detail, "reference_cell": paired["reference_cell"]}
+    mde = stderr_mde(paired["ln_se"])
+    params = {**detail, "reference_cell": paired["reference_cell"], "mde": None if mde is None else math.expm1(mde),
+              "mde_unit": "relative change of the ratio", "mde_protocol": MDE_PROTOCOL}
     kind = "stderr (paired per-token differences vs the reference, delta method)"
     return [
         MetricValue("ppl_ratio", ratio, "x", n=paired["n"], uncertainty=ratio * paired["ln_se"],

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec
 from harness.metrics.divergence import token_divergence
 from harness.metrics.outliers import probe_layers
 
@@ -124,6 +125,7 @@ def linear_bytes(module: torch.nn.Module) -> int:
 class Sensitivity(Measurement):
     needs_reference_model = True
     name = "sensitivity"
+    metrics = (MetricSpec("*kld*", -1, "diagnostic"),)  # per layer / group / kept set: a map, not a verdict
     Params = SensitivityParams
 
     def run(self, ctx: CellContext, params: SensitivityParams) -> list[MetricValue]:

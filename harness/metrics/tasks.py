@@ -16,7 +16,10 @@ lm-eval). Metrics are named `<metric>@<task>` (acc@hellaswag, acc_norm@hellaswag
 the report's task section draws them, the cell table leaves them out. Per-item outcomes are saved
 in the cell folder (`task-<task>-<k>shot.json`); when the reference cell saved the same task,
 `recovery@<task>` = 100 * acc_norm (acc where acc_norm is not meaningful) / the reference's, on
-the very same items, with a paired delta-method error."""
+the very same items, with a paired delta-method error and its minimum detectable effect, and
+`flip_rate@<task>` = items whose outcome flipped (correct->wrong + wrong->correct) / items, with
+both counts, a Wilson 95% interval and McNemar's exact p-value (harness/metrics/paired.py): overall
+accuracy can hold while answers flip (Dutta et al. 2024, "Accuracy is not all you need")."""
 
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from pydantic import Field, field_validator
 
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import quality
+from harness.metrics.paired import MDE_PROTOCOL, flips, recovery_mde
 from harness.metrics.scoring import BatchTokens, Row
 from harness.metrics.task_data import TASKS, Item, parse_task, subset
 
@@ -110,6 +115,8 @@ def paired_recovery(q: np.ndarray, r: np.ndarray) -> tuple[float, float] | None:
 
 class Tasks(Measurement):
     name = "tasks"
+    metrics = (quality("acc@*", +1), quality("acc_norm@*", +1), quality("ppl@*", -1), quality("recovery@*", +1),
+               quality("flip_rate@*", -1))
     Params = TasksParams
 
     def check_inputs(self, params: TasksParams) -> None:
@@ -157,15 +164,24 @@ class Tasks(Measurement):
     @staticmethod
     def _recovery(ctx: CellContext, name: str, artifact: str, signature: str, res: dict, metric: str,
                   detail: dict) -> list[MetricValue]:
+        """Against the reference cell, on the very same items: recovery, and the items that flipped."""
         if ctx.reference_dir is None or not (ctx.reference_dir / artifact).is_file():
             return []
         ref = json.loads((ctx.reference_dir / artifact).read_text())
         if ref.get("signature") != signature:
             return []  # not the same items: no pairing
-        paired = paired_recovery(np.asarray(res[metric], dtype=np.float64), np.asarray(ref[metric], dtype=np.float64))
+        q, r = np.asarray(res[metric], dtype=np.float64), np.asarray(ref[metric], dtype=np.float64)
+        paired = paired_recovery(q, r)
         if paired is None:
             return []
         value, se = paired
-        return [MetricValue(f"recovery@{name}", value, "%", n=len(res[metric]), uncertainty=se,
-                            uncertainty_kind="stderr (paired items vs the reference, delta method)", protocol=PROTOCOL,
-                            params={**detail, "of": metric, "reference_cell": ctx.reference_dir.name})]
+        f = flips(r.astype(bool), q.astype(bool))
+        common = {**detail, "of": metric, "reference_cell": ctx.reference_dir.name}
+        mde = recovery_mde(f, float(r.mean()))
+        out = [MetricValue(f"recovery@{name}", value, "%", n=len(q), uncertainty=se,
+                           uncertainty_kind="stderr (paired items vs the reference, delta method)", protocol=PROTOCOL,
+                           params={**common, "mde": mde, "mde_protocol": MDE_PROTOCOL})]
+        out.append(MetricValue(f"flip_rate@{name}", f.rate, "fraction", n=f.n, uncertainty=f.stderr,
+                               uncertainty_kind="stderr (binomial, items)", protocol=PROTOCOL,
+                               params={**common, **f.as_params()}))
+        return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from harness.metrics.base import CellContext, MeasurementParams, Measurement, MetricValue
+from harness.metrics.meaning import MetricSpec, quality
 
 PROTOCOL = "qat: next-token loss on calibration windows (held-out ones for holdout_loss_*)"
 
@@ -41,6 +42,8 @@ def training_values(training: dict) -> list[MetricValue]:
 
 class Training(Measurement):
     name = "training"
+    metrics = (MetricSpec("train_loss", -1, "diagnostic"), MetricSpec("train_steps", 0, "bookkeeping"),
+               MetricSpec("train_seconds", -1, "bookkeeping"), quality("holdout_loss_*", -1), quality("holdout_recovery", +1))
     Params = TrainingParams
     needs_tokenizer = False
 

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
+from harness.metrics.meaning import MetricSpec
 from harness.perf.timing import UNCERTAINTY_KIND, percentile
 
 CEILINGS_FILE = "ceilings-{device}.json"  # in the run's cells/ folder: measured once per run and device
@@ -62,6 +63,7 @@ class Ceilings(Measurement):
     timed = True
 
     name = "ceilings"
+    metrics = (MetricSpec("memory_bandwidth", +1, "speed"), MetricSpec("gemm_*", +1, "speed"))
     Params = CeilingsParams
     needs_tokenizer = False
     needs_real_weights = False
@@ -135,6 +137,10 @@ class Speed(Measurement):
     timed = True
 
     name = "speed"
+    metrics = (MetricSpec("prefill_tokens_s*", +1, "speed"), MetricSpec("decode_tokens_s*", +1, "speed"),
+               MetricSpec("tpot_s@*", -1, "speed"), MetricSpec("ttft_s@*", -1, "speed"),
+               MetricSpec("bandwidth_utilisation*", +1, "speed"), MetricSpec("energy_j_per_token@*", -1, "cost"),
+               MetricSpec("kv_cache_bytes@*", -1, "size", exact=True))
     Params = SpeedParams
     needs_tokenizer = False
     needs_real_weights = False
@@ -318,6 +324,8 @@ class Memory(Measurement):
     and KV-cache bytes per token (from the config) and for this generate."""
 
     name = "memory"
+    metrics = (MetricSpec("weight_bytes_true", -1, "size", exact=True), MetricSpec("kv_cache_bytes*", -1, "size", exact=True),
+               MetricSpec("peak_allocated_bytes", -1, "cost", exact=True), MetricSpec("process_memory_bytes", -1, "cost"))
     Params = MemoryParams
     needs_tokenizer = False
     needs_real_weights = False
