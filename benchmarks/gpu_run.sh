@@ -10,6 +10,7 @@
 #            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
 #            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install   (wheels; plotly + gguf.aa)
 #            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab/ac + arrow; llm-int4 --device cuda, the README's main job)
+#            bash benchmarks/gpu_run.sh .gpuC main-twice    (the same, then again on the same machine: first use vs warm)
 #            bash benchmarks/gpu_run.sh .gpuD scoring       (lm-eval wheels + tokenizer; benchmarks/scoring_vs_lmeval.py on a
 #                                                            7B shape, then benchmarks/engine-7b-gpu.yaml: a comparing cell's peak memory)
 set -euo pipefail
@@ -88,6 +89,16 @@ case "$what" in
     python3 -m harness.cli run --suite llm-int4 --device cuda --out "$run" "${resume[@]}" 2>&1 \
       | grep -vE "░|█" | tee "$OUT/llm-int4-cuda.log" | tail -45 || echo "harness exit $?"
     cp "$run"/records.jsonl "$run"/run.json "$OUT"/ 2>/dev/null || true ;;
+  main-twice)  # the main job on a fresh machine, then again on the same machine (first-use kernel builds cached)
+    for i in 1 2; do
+      run=/tmp/run-llm-int4-cuda-$i; mkdir -p "$OUT/run$i"
+      start=$(date +%s.%N)
+      python3 -m harness.cli run --suite llm-int4 --device cuda --out "$run" 2>&1 \
+        | grep -vE "░|█" > "$OUT/run$i/llm-int4-cuda.log" || echo "harness exit $?" >> "$OUT/run$i/llm-int4-cuda.log"
+      echo "run $i: whole command $(python3 -c "import time; print(round(time.time() - $start, 1))") s" | tee -a "$OUT/run$i/llm-int4-cuda.log"
+      tail -25 "$OUT/run$i/llm-int4-cuda.log"
+      cp "$run"/records.jsonl "$run"/run.json "$OUT/run$i/" 2>/dev/null || true
+    done ;;
   scoring)
     mkdir -p /tmp/tok && cp "$repo/$dir"/tokenizer/* /tmp/tok/
     python3 "$repo/benchmarks/scoring_vs_lmeval.py" --shape llama-2-7b --tokenizer /tmp/tok --device cuda \
