@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from harness.compare import compare_runs, fmt_delta, fmt_value, run_summary
 from harness.errors import HarnessError
 from harness.gates import GateResult, GateSpec, evaluate
+from harness.metrics.meaning import spec_for
 from harness.store import RunDir
 
 
@@ -89,8 +90,9 @@ def default_gate(base: RunDir, run: RunDir, z: float) -> list[GateResult]:
     cmp = compare_runs(base, run, z=z, match_swapped=True)
     out = []
     for d in cmp.deltas:
-        if d.kind != "quality" or d.direction == 0 or d.delta is None:
-            continue
+        spec = spec_for(d.measurement, d.metric)
+        if d.kind != "quality" or d.direction == 0 or d.delta is None or (spec and spec.restates):
+            continue  # restatements (nll of ppl) are judged once, under the metric they restate
         worse = d.verdict == "regression"
         how = fmt_delta(d) + ("" if d.z is not None else ", no uncertainty recorded: not judged")
         detail = (f"worse than the baseline beyond {z:g} sigma: {fmt_value(d.base, d.base_sigma)} -> "

@@ -1,5 +1,6 @@
 """Report section "What this run could detect": for each comparison with the reference (ppl ratio,
-mean KLD, task recovery, flips), how many cells it told apart from the reference at alpha 0.05,
+mean KLD, task recovery, flips), how many cells it told apart from the reference at alpha 0.05
+(tasks: McNemar's exact test),
 the median minimum detectable effect (MDE, harness.metrics.paired) at the run's sample sizes, and
 how many comparisons were underpowered. It names the sensitive measurement of the run, so a reader
 leans on it and reads the underpowered ones as "no evidence either way"."""
@@ -16,14 +17,14 @@ from harness.reports.sections import Section
 Z95 = 1.959964
 
 
-def _told_apart(metric: str, value: float, se: float, params: dict) -> bool:
-    """Different from the reference at alpha 0.05 (two-sided), by the comparison's own test."""
-    if metric.startswith("flip_rate@"):
-        return (params.get("mcnemar_p") or 1.0) < 0.05
+def _told_apart(metric: str, value: float, se: float, params: dict, mcnemar_p: float | None) -> bool:
+    """Different from the reference at alpha 0.05 (two-sided), by the comparison's own test; task
+    recovery and flips by McNemar's exact test on the same items (the delta-method error of a
+    ratio of two accuracies is too optimistic when only a few items flip)."""
+    if metric.startswith(("flip_rate@", "recovery@")):
+        return mcnemar_p is not None and mcnemar_p < 0.05
     if metric == "ppl_ratio":
         return se > 0 and abs(math.log(value)) / (se / value) > Z95
-    if metric.startswith("recovery@"):
-        return se > 0 and abs(value - 100.0) / se > Z95
     return se > 0 and value / se > Z95  # kld_mean: a mean of non-negative terms, tested against 0
 
 
@@ -37,6 +38,8 @@ COMPARISONS = (  # (metric or prefix, label, how the MDE reads)
 
 def _rows(df: pd.DataFrame) -> list[tuple[str, int, int, float | None, int, int, str]]:
     ok = df[(df["status"] == "ok") & df["value"].notna() & ~df["is_reference"].astype(bool)]
+    flips = ok[ok["metric"].str.startswith("flip_rate@")]
+    mcnemar = {(c, m.split("@", 1)[1]): (p or {}).get("mcnemar_p") for c, m, p in zip(flips["cell_id"], flips["metric"], flips["params"])}
     out = []
     for key, label, reads in COMPARISONS:
         sel = ok[ok["metric"] == key] if not key.endswith("@") else ok[ok["metric"].str.startswith(key)]
@@ -47,7 +50,7 @@ def _rows(df: pd.DataFrame) -> list[tuple[str, int, int, float | None, int, int,
         for _, r in sel.iterrows():
             p = r["params"] if isinstance(r["params"], dict) else {}
             se = 0.0 if pd.isna(r["uncertainty"]) else float(r["uncertainty"])
-            told += _told_apart(r["metric"], float(r["value"]), se, p)
+            told += _told_apart(r["metric"], float(r["value"]), se, p, mcnemar.get((r["cell_id"], r["metric"].partition("@")[2])))
             mde = p.get("mde")
             if mde is not None:
                 mdes.append(float(mde))
