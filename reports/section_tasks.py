@@ -19,6 +19,10 @@ def _cell(row) -> str:
     return f"{row['backend']}:{row['variant']}"
 
 
+def _count(n) -> str:
+    return "" if pd.isna(n) else str(int(n))
+
+
 def _pm(r) -> tuple[str, str]:
     if r is None:
         return "", ""
@@ -40,7 +44,7 @@ def _table(rows: pd.DataFrame):
         first = g.iloc[0]
         p = first["params"]
         out.append([(str(first["model"]), ""), (_cell(first), ""), (task, ""),
-                    (str(p.get("num_fewshot", 0)), str(p.get("num_fewshot", 0))), (str(first["n"]), str(first["n"])),
+                    (str(p.get("num_fewshot", 0)), str(p.get("num_fewshot", 0))), (_count(first["n"]), _count(first["n"])),
                     _pm(v.get("acc")), _pm(v.get("acc_norm")), _pm(v.get("ppl")), _pm(v.get("recovery")),
                     *_paired_cells(v.get("recovery"), v.get("flip_rate"))])
     return Table(headers, out)
