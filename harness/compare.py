@@ -29,13 +29,6 @@ PAIRED_METRICS = ("ppl", "nll", "ppl_ratio", "ln_ppl_ratio")
 QUIET = ("same", "noise", "unjudged", "swapped")  # verdicts that need no attention
 
 
-def direction(r: Record) -> int:
-    """Which way is better for a record's metric (its declaration, harness.metrics.meaning): -1
-    lower, +1 higher, 0 neither or undeclared (compared and shown, never flagged)."""
-    spec = record_spec(r)
-    return spec.direction if spec else 0
-
-
 def exact(r: Record) -> bool:
     """Values that carry no noise (sizes counted from storage): any change is real. Every other
     value without a recorded uncertainty cannot be judged and is only shown."""

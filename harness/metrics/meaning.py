@@ -57,11 +57,6 @@ class MetricSpec:
         """Worth a verdict in a comparison (bookkeeping times are shown, never judged)."""
         return self.kind != "bookkeeping"
 
-    @property
-    def gated_by_default(self) -> bool:
-        """The default regression gate (harness check with no gates) watches this metric."""
-        return self.kind == "quality" and self.direction != 0
-
 
 def quality(pattern: str, direction: int, **kw) -> MetricSpec:
     return MetricSpec(pattern, direction, "quality", **kw)
