@@ -158,7 +158,11 @@ def paired_z(base_rd: RunDir, b: Record, cand_rd: RunDir, c: Record, base_ref: s
     pb, pc = _per_token(base_rd, b, base_ref), _per_token(cand_rd, c, cand_ref)
     if pb is None or pc is None or pb[1] != pc[1] or pb[0].shape != pc[0].shape or pb[0].size < 2:
         return None
-    diff = pc[0] - pb[0]
+    return _z_of_differences(pc[0] - pb[0])
+
+
+def _z_of_differences(diff: np.ndarray) -> float:
+    """z of the mean of paired differences (per token, per item); +-inf for a change with no spread."""
     se = float(diff.std(ddof=1) / math.sqrt(diff.size))
     mean = float(diff.mean())
     if se == 0.0:
@@ -189,10 +193,7 @@ def paired_items(base_rd: RunDir, b: Record, cand_rd: RunDir, c: Record) -> tupl
     if ob is None or oc is None or ob[1] != oc[1] or ob[0].shape != oc[0].shape or ob[0].size < 2:
         return None
     f = flips(ob[0], oc[0])
-    diff = oc[0].astype(float) - ob[0].astype(float)
-    se = float(diff.std(ddof=1) / math.sqrt(diff.size))
-    mean = float(diff.mean())
-    z = (0.0 if mean == 0.0 else math.copysign(math.inf, mean)) if se == 0.0 else mean / se
+    z = _z_of_differences(oc[0].astype(float) - ob[0].astype(float))
     return z, f"flips {f.correct_to_wrong} c→w / {f.wrong_to_correct} w→c, McNemar p={f.mcnemar_p:.3g}"
 
 

@@ -319,12 +319,13 @@ def cell_table(df: pd.DataFrame) -> Table:
     specs = _quality_specs(df)
     ok = df[(df["status"] == "ok") & df["value"].notna()] if not df.empty else df
     known = {s.key for s in specs} | {QUANTIZE_SECONDS, CELL_SECONDS, CELL_STATUS}
-    stamps = [ok[c] if c in ok.columns else [None] * len(ok) for c in ("direction", "kind")]
+    cols = ["measurement", "metric", "unit"] + [c for c in ("direction", "kind") if c in ok.columns]
+    distinct = ok[cols].drop_duplicates(subset=["measurement", "metric", "unit"]).itertuples(index=False)
     generic = sorted(
         {
             (m, k, u)
-            for m, k, u, d, kd in zip(ok["measurement"], ok["metric"], ok["unit"], *stamps)
-            if (m, k) not in known and k not in (BITS, BYTES) and not _detail_metric(m, k, d, kd)
+            for m, k, u, *stamp in distinct
+            if (m, k) not in known and k not in (BITS, BYTES) and not _detail_metric(m, k, *stamp)
         }
     )
 

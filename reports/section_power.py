@@ -11,10 +11,8 @@ import math
 
 import pandas as pd
 
-from harness.metrics.paired import UNDERPOWERED_RECOVERY_POINTS, underpowered_recovery
+from harness.metrics.paired import UNDERPOWERED_RECOVERY_POINTS, Z_ALPHA, underpowered_recovery
 from harness.reports.sections import Section
-
-Z95 = 1.959964
 
 
 def _told_apart(metric: str, value: float, se: float, params: dict, mcnemar_p: float | None) -> bool:
@@ -24,8 +22,8 @@ def _told_apart(metric: str, value: float, se: float, params: dict, mcnemar_p: f
     if metric.startswith(("flip_rate@", "recovery@")):
         return mcnemar_p is not None and mcnemar_p < 0.05
     if metric == "ppl_ratio":
-        return se > 0 and abs(math.log(value)) / (se / value) > Z95
-    return se > 0 and value / se > Z95  # kld_mean: a mean of non-negative terms, tested against 0
+        return se > 0 and abs(math.log(value)) / (se / value) > Z_ALPHA
+    return se > 0 and value / se > Z_ALPHA  # kld_mean: a mean of non-negative terms, tested against 0
 
 
 COMPARISONS = (  # (metric or prefix, label, how the MDE reads)

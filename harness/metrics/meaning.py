@@ -23,10 +23,13 @@ A declaration's `pattern` is the metric's name, or an fnmatch pattern for names 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from fnmatch import fnmatch
 from numbers import Real
 from typing import Iterable, Literal
+
+from harness.errors import HarnessError
+from harness.metrics import MEASUREMENTS
 
 Kind = Literal["quality", "size", "speed", "cost", "diagnostic", "bookkeeping"]
 KINDS: tuple[str, ...] = ("quality", "size", "speed", "cost", "diagnostic", "bookkeeping")
@@ -91,10 +94,6 @@ def stamp(measurement: str, value, declared: Iterable[MetricSpec]) -> dict:
     """A MetricValue as a dict with its direction and kind: the value's own where it carries them
     (lm-eval's higher_is_better), else its declaration's. A metric nobody declared is an error: its
     meaning would otherwise be guessed, and a regression in it never flagged."""
-    from dataclasses import asdict
-
-    from harness.errors import HarnessError
-
     out = asdict(value)
     spec = lookup(declared, value.metric)
     direction = value.direction if value.direction is not None else (spec.direction if spec else None)
@@ -110,9 +109,6 @@ def declarations(measurement: str) -> tuple[MetricSpec, ...]:
     """Everything `measurement` (a registry name or one of the harness's own groups) declares."""
     if measurement in MEASURED_BY_EVERY_CELL:
         return MEASURED_BY_EVERY_CELL[measurement]
-    from harness.errors import HarnessError
-    from harness.metrics import MEASUREMENTS
-
     if measurement not in MEASUREMENTS.names():
         return ()
     try:

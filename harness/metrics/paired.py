@@ -21,7 +21,8 @@ import numpy as np
 from scipy import stats
 
 ALPHA, POWER = 0.05, 0.80
-Z_MDE = float(stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(POWER))  # 2.80
+Z_ALPHA = float(stats.norm.ppf(1 - ALPHA / 2))  # 1.96: a two-sided test at ALPHA
+Z_MDE = Z_ALPHA + float(stats.norm.ppf(POWER))  # 2.80
 MIN_DISCORDANT = 6  # smallest count McNemar's exact test can call significant at alpha 0.05
 MDE_PROTOCOL = ("minimum detectable effect: two-sided alpha 0.05, power 0.8 (2.80 standard errors of the paired "
                 "difference; tasks: at least 6 discordant items, McNemar's exact test)")
