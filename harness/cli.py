@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.errors import HarnessError
@@ -28,7 +29,7 @@ def user_errors():
     try:
         yield
     except HarnessError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # [x] is text, not markup
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         err_console.print("interrupted: finished cells are saved; continue with --resume", highlight=False, soft_wrap=True)
@@ -43,6 +44,9 @@ class ListWhat(str, Enum):
     corpora = "corpora"
 
 
+STATIC_HELP = "also write every figure as svg, png or pdf under RUN/figures/ (repeatable; needs kaleido and Chromium)"
+
+
 @app.command()
 def run(
     suite: str = typer.Option(..., "--suite", "-s", help="built-in suite name or path to a suite YAML"),
@@ -54,6 +58,7 @@ def run(
     executor: str = typer.Option("local", "--executor", help="local (one process per cell, here) or ray (cells as Ray tasks)"),
     address: Optional[str] = typer.Option(None, "--address", help="ray: 'auto' or 'ray://host:port' of a running cluster (default: a local Ray instance)"),
     allow_failed_cells: bool = typer.Option(False, "--allow-failed-cells", help="exit 0 even if cells failed (a skipped cell never fails the run)"),
+    static: Optional[list[str]] = typer.Option(None, "--static", help=STATIC_HELP),
     reference_from: Optional[Path] = typer.Option(None, "--reference-from", help="reuse the finished reference cells of this run (same suite settings, same model files: checked by hash) instead of running them"),
 ):
     """Run a suite: every model x backend variant in its own process, then write the HTML report.
@@ -67,13 +72,16 @@ def run(
             raise HarnessError(f"unknown device '{device}' (choose from: auto, cpu, cuda)")
         if resume and out is None:
             raise HarnessError("--resume needs --out RUN_DIR (the run to continue)")
+        from harness.reports.static_figures import check_formats
+
+        formats = check_formats(tuple(static or ()))
         spec = load_suite(suite)
         from harness.executor import EXECUTORS
 
         if address and executor != "ray":
             raise HarnessError("--address is for --executor ray")
         runner = EXECUTORS.get(executor)(**({"address": address} if executor == "ray" else {}))
-        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume, runner, reference_from)
+        result = _run_with_progress(run_suite, spec, out, model, backend, device, resume, runner, reference_from, formats)
         _print_summary(result.run_dir)
         if result.report:
             console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
@@ -101,12 +109,12 @@ def _print_gates(gates) -> None:
     console.print(table)
 
 
-def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None, reference_from=None):
+def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None, reference_from=None, static=()):
     from harness.run_view import progress_events
 
     with progress_events(err_console, "planning (first use converts the embedded model, ~1 min)") as on_event:
         return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, executor=executor,
-                         on_event=on_event, reference_from=reference_from)
+                         on_event=on_event, reference_from=reference_from, static=static)
 
 
 def _print_summary(run_dir) -> None:
@@ -166,16 +174,19 @@ def list_(what: ListWhat = typer.Argument(..., help="suites, backends, models, m
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="a run directory")):
+def report(run_dir: Path = typer.Argument(..., help="a run directory"),
+           static: Optional[list[str]] = typer.Option(None, "--static", help=STATIC_HELP)):
     """(Re)write report.html for a run directory."""
     from harness.reports.html import write_report
+    from harness.reports.static_figures import check_formats
     from harness.store import RunDir
 
     with user_errors():
+        formats = check_formats(tuple(static or ()))
         rd = RunDir(run_dir)
         rd.run_info()
         rd.records()
-        console.print(f"report: {write_report(run_dir)}", highlight=False, soft_wrap=True)
+        console.print(f"report: {write_report(run_dir, static=formats)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

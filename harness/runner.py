@@ -149,10 +149,12 @@ def run_suite(
     executor=None,
     on_event: Callable[[str, dict], None] | None = None,
     reference_from: Path | None = None,
+    static: tuple[str, ...] = (),
 ) -> RunResult:
     """Plan and run `suite`. `on_event(kind, data)` receives planned/cell_start/progress/cell_end.
     `reference_from`: a run whose finished reference cells (same cell, same model files) are
-    copied in instead of being run again."""
+    copied in instead of being run again. `static`: formats for static copies of the report's
+    figures (reports.static_figures)."""
     from harness import hardware, provenance
     from harness.planner import plan as make_plan
 
@@ -230,7 +232,7 @@ def run_suite(
     try:
         from harness.reports.html import write_report
 
-        report = write_report(run_dir.path)
+        report = write_report(run_dir.path, static=static)
     except Exception as exc:  # noqa: BLE001 - a report bug must not cost the measured results
         report_error = f"{type(exc).__name__}: {exc}"
     return RunResult(run_dir, len(todo), len(the_plan.cells) - len(todo), failed, report, report_error, gate_results)

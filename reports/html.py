@@ -8,13 +8,12 @@ plotly.js is embedded once, inline, and nothing refers to an outside URL."""
 from __future__ import annotations
 
 
-import html
 import json
 import math
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -24,10 +23,14 @@ from markupsafe import Markup
 
 from harness.metrics.meaning import spec_for
 from harness.records import measurement_instance, record_corpus
-from harness.reports.sections import build_sections
+from harness.reports.common import (PALETTE, REFERENCE_MARKER, CellLook, Table, axis_type, cell_looks, esc, fmt, fmt_unc, int_or_none,
+                                     missing, ok_metric, pareto_front, sort_key)
+from harness.reports.sections import LEAD_SECTIONS, build_sections
+from harness.reports.static_figures import write_static
 from harness.store import RunDir, load_records
 
 TEMPLATE = "report.html.j2"
+TEMPLATE_NAME = "plotly_white"
 BITS = "bits_per_weight"  # metric name, unit "bits"
 BYTES = "weight_bytes"  # metric name, unit "bytes"
 QUANTIZE_SECONDS = ("quantize", "seconds")
@@ -66,60 +69,17 @@ class XAxis:
     title: str  # used in figure titles: "... vs <title>"
     axis_label: str  # axis title, with unit
     scale: float  # divide the recorded value by this
+    lower_is_better: bool = True  # sizes shrink; speeds grow
 
 
+# Speed axes are drawn when a cell measured them (llm-perf, or a suite with `speed`): the
+# quality-vs-speed frontier answers "per second" as the size axes answer "per byte".
 X_AXES = (
     XAxis(BITS, "bits per weight", "bits per weight (bits)", 1.0),
     XAxis(BYTES, "weight size", "weight size (MB = 10^6 bytes)", MB),
+    XAxis("decode_tokens_s", "decode speed", "decode speed (tokens/s, higher is better)", 1.0, lower_is_better=False),
+    XAxis("prefill_tokens_s", "prefill speed", "prefill speed (tokens/s, higher is better)", 1.0, lower_is_better=False),
 )
-
-
-# -- small helpers ------------------------------------------------------------------------------
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if _missing(v):
-        return ""
-    if isinstance(v, (int, float)):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def _fmt_unc(value: Any, unc: Any) -> str:
-    """'12.35 ± 0.05', or just the value when no uncertainty was recorded."""
-    if _missing(value):
-        return ""
-    return f"{_fmt(value)} ± {_fmt(unc, 2)}" if not _missing(unc) else _fmt(value)
-
-
-def _esc(s: Any) -> str:
-    """Escape text that goes into a plotly figure: plotly.js renders names and hover text as
-    pseudo-HTML, so record text must not be able to inject tags there either."""
-    return html.escape("" if _missing(s) else str(s))
-
-
-def _int(v: Any) -> int | None:
-    return None if _missing(v) else int(v)
-
-
-def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool = True) -> list[int]:
-    """Indices of the non-dominated points, sorted by x. x (size) is always minimised; y (quality)
-    is minimised when lower_is_better. A point is dominated when another point is at least as good
-    on both axes and strictly better on one, so exact duplicates both stay on the front."""
-    sign = 1.0 if lower_is_better else -1.0
-    pts = [(float(x), sign * float(y)) for x, y in points]
-    front = []
-    for i, (xi, yi) in enumerate(pts):
-        if any(
-            (xj <= xi and yj <= yi) and (xj < xi or yj < yi)
-            for j, (xj, yj) in enumerate(pts)
-            if j != i
-        ):
-            continue
-        front.append(i)
-    return sorted(front, key=lambda i: (pts[i][0], pts[i][1]))
 
 
 def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -132,7 +92,7 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
     for cell_id, g in df.groupby("cell_id", sort=False):
         first = g.iloc[0]
         failed = g[g["status"].isin(["failed", "skipped"])]
-        errors = [e for e in failed["error"] if not _missing(e)]
+        errors = [e for e in failed["error"] if not missing(e)]
         status = "failed" if (g["status"] == "failed").any() else ("skipped" if len(failed) else "ok")
         rows.append(
             {
@@ -148,14 +108,6 @@ def cell_summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _ok_metric(df: pd.DataFrame, measurement: str | None, metric: str) -> pd.DataFrame:
-    """The ok rows of one metric with a value, last record per cell winning."""
-    sel = (df["status"] == "ok") & (df["metric"] == metric) & df["value"].notna()
-    if measurement is not None:
-        sel &= df["measurement"] == measurement
-    return df[sel].drop_duplicates(subset="cell_id", keep="last")
-
-
 def _quality_specs(df: pd.DataFrame) -> list[QualitySpec]:
     ok = df[(df["status"] == "ok") & df["value"].notna()]
     cols = [c for c in ("measurement", "metric", "direction", "kind") if c in ok.columns]
@@ -167,10 +119,10 @@ def _quality_specs(df: pd.DataFrame) -> list[QualitySpec]:
 def _protocol_text(rows: pd.DataFrame, spec: QualitySpec) -> str:
     """'gptq protocol, 4096 tokens, boolq-wiki': what the y values were measured under."""
     parts = []
-    protocols = sorted({str(p) for p in rows["protocol"] if not _missing(p)})
+    protocols = sorted({str(p) for p in rows["protocol"] if not missing(p)})
     if protocols:
         parts.append(" / ".join(protocols) + " protocol")
-    ns = sorted({int(n) for n in rows["n"] if not _missing(n)})
+    ns = sorted({int(n) for n in rows["n"] if not missing(n)})
     if len(ns) == 1:
         parts.append(f"{ns[0]} {spec.n_unit}")
     elif ns:
@@ -182,12 +134,16 @@ def _protocol_text(rows: pd.DataFrame, spec: QualitySpec) -> str:
 
 
 # -- figures ----------------------------------------------------------------------------------
-def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: str, show_model: bool = False) -> go.Figure | None:
-    """Quality vs size for one model: one trace per backend with error bars, the reference as a
-    star and a dashed line, the Pareto front as a step line. None when nothing can be plotted."""
+def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: str, show_model: bool = False,
+                    looks: dict[str, CellLook] | None = None) -> go.Figure | None:
+    """Quality vs size (or speed) for one model: one labelled point per cell (colour by backend,
+    symbol by variant, the same in every figure of the report), error bars, the reference as a gold
+    star and a dashed line, the Pareto front as a step line; log axes where values span more than
+    2.5x. None when nothing can be plotted."""
     mdf = df[df["model"] == model]
-    q = _ok_metric(mdf, spec.measurement, spec.metric)
-    x = _ok_metric(mdf, None, x_axis.metric)[["cell_id", "value"]].rename(columns={"value": "x"})
+    looks = cell_looks(df) if looks is None else looks
+    q = ok_metric(mdf, spec.measurement, spec.metric)
+    x = ok_metric(mdf, None, x_axis.metric)[["cell_id", "value"]].rename(columns={"value": "x"})
     cells = cell_summary(mdf)
     ok_cells = set(cells.loc[cells["status"] == "ok", "cell_id"])
     pts = q.merge(x, on="cell_id")
@@ -195,65 +151,55 @@ def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: s
     if pts.empty:
         return None
     pts["x"] = pts["x"] / x_axis.scale
-    unc_kind = next((str(k) for k in pts["uncertainty_kind"] if not _missing(k)), "stderr")
+    unc_kind = next((str(k) for k in pts["uncertainty_kind"] if not missing(k)), "stderr")
 
-    def custom(rows: pd.DataFrame) -> list[list[str]]:
-        return [
-            [
-                _esc(r.variant),
-                _esc(r.backend),
-                _fmt_unc(r.value, r.uncertainty) + ("" if _missing(r.uncertainty) else f" ({unc_kind})"),
-                _fmt(_int(r.n)) or "n/a",
-                _esc(r.protocol) or "n/a",
-            ]
-            for r in rows.itertuples()
-        ]
+    def custom(r) -> list[str]:
+        return [esc(r.variant), esc(r.backend),
+                fmt_unc(r.value, r.uncertainty) + ("" if missing(r.uncertainty) else f" ({unc_kind})"),
+                fmt(int_or_none(r.n)) or "n/a", esc(r.protocol) or "n/a"]
 
     hover = (
         "<b>%{customdata[0]}</b> (%{customdata[1]})<br>"
-        + f"{_esc(spec.metric)}: %{{customdata[2]}}<br>n: %{{customdata[3]}}<br>"
+        + f"{esc(spec.metric)}: %{{customdata[2]}}<br>n: %{{customdata[3]}}<br>"
         + "protocol: %{customdata[4]}<br>"
-        + f"{_esc(x_axis.title)}: %{{x:.4g}}<extra></extra>"
+        + f"{esc(x_axis.title)}: %{{x:.4g}}<extra></extra>"
     )
     fig = go.Figure()
     # Pareto front first, so the markers are drawn on top of it.
-    front = pareto_front(list(zip(pts["x"], pts["value"])), spec.lower_is_better)
+    sign = 1.0 if x_axis.lower_is_better else -1.0
+    front = pareto_front([(sign * xv, yv) for xv, yv in zip(pts["x"], pts["value"])], spec.lower_is_better)
     if front:
-        fp = pts.iloc[front]
-        fig.add_trace(
-            go.Scatter(
-                x=fp["x"], y=fp["value"], mode="lines", line={"shape": "hv", "color": "rgba(80,80,80,0.6)", "width": 2},
-                name="Pareto front", hoverinfo="skip",
-            )
-        )
-    normal = pts[~pts["is_reference"].astype(bool)]
-    for backend, g in normal.groupby("backend", sort=True):
-        fig.add_trace(
-            go.Scatter(
-                x=g["x"], y=g["value"], mode="markers", name=_esc(backend), marker={"size": 10},
-                error_y={"type": "data", "array": [None if _missing(u) else float(u) for u in g["uncertainty"]], "visible": True},
-                customdata=custom(g), hovertemplate=hover,
-            )
-        )
+        fp = pts.iloc[front].sort_values("x")
+        fig.add_trace(go.Scatter(
+            x=fp["x"], y=fp["value"], mode="lines", name="Pareto front", hoverinfo="skip",
+            line={"shape": "hv" if x_axis.lower_is_better else "vh", "color": "rgba(80,80,80,0.6)", "width": 2}))
+    order = pts.assign(_ref=pts["is_reference"].astype(bool)).sort_values(["_ref", "backend", "variant"], kind="stable")
+    for r in order.itertuples():
+        look = looks.get(r.cell_id)
+        is_ref = bool(r.is_reference)
+        marker = dict(REFERENCE_MARKER) if is_ref else {"size": 11, "color": look.color if look else None,
+                                                         "symbol": look.symbol if look else "circle",
+                                                         "line": {"color": "white", "width": 0.5}}
+        fig.add_trace(go.Scatter(
+            x=[r.x], y=[r.value], mode="markers+text", text=[esc(r.variant)], textposition="top center",
+            textfont={"size": 10}, name=("reference: " if is_ref else "") + esc(f"{r.backend}:{r.variant}"),
+            legendgroup="reference" if is_ref else esc(r.backend), marker=marker,
+            error_y={"type": "data", "array": [None if missing(r.uncertainty) else float(r.uncertainty)], "visible": True,
+                     "color": "#555" if is_ref else (look.color if look else None), "thickness": 1},
+            customdata=[custom(r)], hovertemplate=hover,
+        ))
     ref = pts[pts["is_reference"].astype(bool)]
     if not ref.empty:
-        fig.add_trace(
-            go.Scatter(
-                x=ref["x"], y=ref["value"], mode="markers",
-                name="reference (" + ", ".join(_esc(v) for v in ref["variant"]) + ")",
-                marker={"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
-                error_y={"type": "data", "array": [None if _missing(u) else float(u) for u in ref["uncertainty"]], "visible": True},
-                customdata=custom(ref), hovertemplate=hover,
-            )
-        )
-        fig.add_hline(y=float(ref["value"].iloc[0]), line_dash="dash", line_color="gray",
-                      annotation_text="reference", annotation_position="top left")
-    prefix = f"{_esc(model)}: " if show_model else ""
+        # no annotation text: on a log axis plotly places annotations in log10 units (a label at 1e22)
+        fig.add_hline(y=float(ref["value"].iloc[0]), line_dash="dash", line_color="gray")
+    prefix = f"{esc(model)}: " if show_model else ""
+    x_type, y_type = axis_type(pts["x"]), axis_type(pts["value"])
     fig.update_layout(
-        title=f"{prefix}{spec.title}{_esc(_protocol_text(pts, spec))} vs {x_axis.title}",
-        xaxis_title=x_axis.axis_label,
-        yaxis_title=f"{spec.title} ({_esc(spec.metric)}, {'lower' if spec.lower_is_better else 'higher'} is better)",
-        template="plotly_white", legend_title_text="backend", margin={"t": 60},
+        title=f"{prefix}{spec.title}{esc(_protocol_text(pts, spec))} vs {x_axis.title}",
+        xaxis={"title": {"text": x_axis.axis_label + (" (log scale)" if x_type == "log" else "")}, "type": x_type},
+        yaxis={"title": {"text": f"{spec.title} ({esc(spec.metric)}, {'lower' if spec.lower_is_better else 'higher'} is better)"
+                         + (" (log scale)" if y_type == "log" else "")}, "type": y_type},
+        template=TEMPLATE_NAME, legend_title_text="cell (backend:variant)", margin={"t": 60},
     )
     return fig
 
@@ -266,6 +212,7 @@ def frontier_figures(df: pd.DataFrame) -> list[go.Figure]:
         return []
     models = sorted(df["model"].dropna().unique())
     instance = pd.Series([measurement_instance(pr, pa) for pr, pa in zip(df["protocol"], df["params"])], index=df.index)
+    looks = cell_looks(df)
     figs = []
     for spec in _quality_specs(df):
         of_spec = df["metric"] == spec.metric
@@ -276,26 +223,13 @@ def frontier_figures(df: pd.DataFrame) -> list[go.Figure]:
             sub = df if key is None else df[~of_spec | (instance == key)]
             for model in models:
                 for x_axis in X_AXES:
-                    fig = frontier_figure(sub, spec, x_axis, model, show_model=len(models) > 1)
+                    fig = frontier_figure(sub, spec, x_axis, model, show_model=len(models) > 1, looks=looks)
                     if fig is not None:
                         figs.append(fig)
     return figs
 
 
 # -- table ------------------------------------------------------------------------------------
-@dataclass
-class Table:
-    """Headers plus rows of (text, sort key); the sort key is '' for text so the page's JS sorts
-    numbers numerically and everything else alphabetically."""
-
-    headers: list[str]
-    rows: list[list[tuple[str, str]]]
-
-
-def _num(v: Any) -> str:
-    return "" if _missing(v) else repr(float(v))
-
-
 def _detail_metric(measurement: str, metric: str, direction=None, kind=None) -> bool:
     """Distribution details (percentiles) and restatements (nll, ln ratio) stay in the records:
     one column each would bury the table (their declarations say which, harness.metrics.meaning)."""
@@ -330,7 +264,7 @@ def cell_table(df: pd.DataFrame) -> Table:
     )
 
     def lookup(measurement: str | None, metric: str, unit: str | None = None) -> dict[str, Any]:
-        rows = _ok_metric(df, measurement, metric) if not df.empty else df
+        rows = ok_metric(df, measurement, metric) if not df.empty else df
         if unit is not None:
             rows = rows[rows["unit"] == unit]
         return {r["cell_id"]: r for _, r in rows.iterrows()}
@@ -351,7 +285,7 @@ def cell_table(df: pd.DataFrame) -> Table:
 
     def val(d: dict[str, Any], cid: str, scale: float = 1.0) -> tuple[str, str]:
         r = d.get(cid)
-        return ("", "") if r is None else (_fmt(r["value"] / scale), _num(r["value"] / scale))
+        return ("", "") if r is None else (fmt(r["value"] / scale), sort_key(r["value"] / scale))
 
     cells = cells.assign(_bits=[bits[c]["value"] if c in bits else -1.0 for c in cells["cell_id"]])
     cells = cells.sort_values(["model", "is_reference", "_bits"], ascending=[True, False, False], kind="stable")
@@ -366,25 +300,36 @@ def cell_table(df: pd.DataFrame) -> Table:
             if r is None:
                 row += [("", ""), ("", "")]
                 continue
-            n = _int(r["n"])
-            row.append((_fmt_unc(r["value"], r["uncertainty"]) + (f" (n={n})" if n is not None else ""), _num(r["value"])))
+            n = int_or_none(r["n"])
+            row.append((fmt_unc(r["value"], r["uncertainty"]) + (f" (n={n})" if n is not None else ""), sort_key(r["value"])))
             ref = d.get(refs.get(c["model"], ""))
             if ref is not None and ref["value"]:
                 ratio = r["value"] / ref["value"]
-                row.append((f"{ratio:.4f}", _num(ratio)))
+                row.append((f"{ratio:.4f}", sort_key(ratio)))
             else:
                 row.append(("", ""))
         row += [val(quant_s, cid), val(cell_s, cid), (str(c["status"]), ""), (cell_kernel(cell_s.get(cid)), "")]
         for d in gen:
             r = d.get(cid)
-            row.append(("", "") if r is None else (_fmt_unc(r["value"], r["uncertainty"]), _num(r["value"])))
+            row.append(("", "") if r is None else (fmt_unc(r["value"], r["uncertainty"]), sort_key(r["value"])))
         rows.append(row)
     return Table(headers, rows)
 
 
 # -- page -------------------------------------------------------------------------------------
+# plotly_white's look in a few hundred bytes: a named plotly.py template is copied in full (~7 KB)
+# into every figure's JSON; the page carries plotly.js once and each figure only its data.
+SLIM_TEMPLATE = go.layout.Template(layout={
+    "paper_bgcolor": "white", "plot_bgcolor": "white", "font": {"color": "#2a3f5f"}, "hovermode": "closest",
+    "xaxis": {"gridcolor": "#EBF0F8", "linecolor": "#EBF0F8", "zerolinecolor": "#EBF0F8", "automargin": True},
+    "yaxis": {"gridcolor": "#EBF0F8", "linecolor": "#EBF0F8", "zerolinecolor": "#EBF0F8", "automargin": True},
+    "colorway": list(PALETTE),
+})
+
+
 def _figure_html(fig: go.Figure, i: int) -> Markup:
     """A figure's div + newPlot call; plotly.js itself is embedded once by the page."""
+    fig.update_layout(template=SLIM_TEMPLATE)
     return Markup(
         fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}", default_height="480px",
                     config={"displaylogo": False, "responsive": True})
@@ -407,9 +352,10 @@ def _provenance_items(prov: Any) -> tuple[list[tuple[str, str]], dict[str, str]]
     return items, versions
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, static: tuple[str, ...] = ()) -> Path:
     """Render <run_dir>/report.html from run.json + records.jsonl and return its path. Renders for
-    any content (no records, only failures); only a missing or corrupt run directory raises."""
+    any content (no records, only failures); only a missing or corrupt run directory raises.
+    `static` ('svg', 'png', 'pdf') also writes every figure to <run_dir>/figures/ (reports.static_figures)."""
     rd = RunDir(run_dir)
     info = rd.run_info()
     df = load_records(rd.path)
@@ -425,12 +371,16 @@ def write_report(run_dir: str | Path) -> Path:
     figs = frontier_figures(df) if n_ok else []
     table = cell_table(df) if len(cells) else Table([], [])
     sections = build_sections(df, info) if n_ok else []
+    lead = build_sections(df, info, LEAD_SECTIONS) if n_ok else []
     n_figs = len(figs)
     rendered_sections = []
     for sec in sections:
         rendered_sections.append((sec, [_figure_html(f, n_figs + i) for i, f in enumerate(sec.figures)]))
         n_figs += len(sec.figures)
 
+    all_figs = figs + [f for sec, _ in rendered_sections for f in sec.figures]
+    static_note = write_static(all_figs, rd.path, static).note if static else (
+        f"Static SVG/PNG copies of the figures: harness report {rd.path.name} --static svg" if all_figs else "")
     template = (files("harness.reports") / "templates" / TEMPLATE).read_text(encoding="utf-8")
     env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
     page = env.from_string(template).render(
@@ -447,6 +397,8 @@ def write_report(run_dir: str | Path) -> Path:
         n_failed=len(failed),
         n_skipped=len(skipped),
         plotly_js=Markup(plotly.offline.get_plotlyjs()) if n_figs else None,
+        lead=lead,
+        static_note=static_note,
         sections=rendered_sections,
         figures=[_figure_html(f, i) for i, f in enumerate(figs)],
         table=table,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from harness.reports.section_drift import _ok, cell_label
+from harness.reports.common import Table, cell_label, fmt, ok_rows
 from harness.reports.sections import Section
 
 
@@ -18,9 +18,8 @@ def _first(df: pd.DataFrame, cell_id: str, metric: str):
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    from harness.reports.html import Table, _fmt
 
-    quant = _ok(df, "quantize")
+    quant = ok_rows(df, "quantize")
     quant = quant[quant["params"].map(lambda p: isinstance(p, dict) and isinstance(p.get("calibration"), dict))]
     if quant.empty:
         return None
@@ -34,10 +33,10 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
             (cell_label(r), ""),
             (f"{c.get('corpus')} {c.get('n_samples')} x {c.get('seq_len')} (seed {c.get('seed')})", ""),
             (str(p.get("artifact_cache", "not cached")), ""),
-            (_fmt(original) if original is not None else "", repr(float(original)) if original is not None else ""),
-            (_fmt(r["value"]), repr(float(r["value"]))),
-            (_fmt(bits) if bits is not None else "", repr(float(bits)) if bits is not None else ""),
-            (_fmt(ratio) if ratio is not None else "", repr(float(ratio)) if ratio is not None else ""),
+            (fmt(original) if original is not None else "", repr(float(original)) if original is not None else ""),
+            (fmt(r["value"]), repr(float(r["value"]))),
+            (fmt(bits) if bits is not None else "", repr(float(bits)) if bits is not None else ""),
+            (fmt(ratio) if ratio is not None else "", repr(float(ratio)) if ratio is not None else ""),
         ])
     table = Table(["cell", "calibration", "artifact", "original quantize (s)", "this run's quantize step (s)",
                    "bits/weight", "ppl ratio"], rows)

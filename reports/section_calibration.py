@@ -9,21 +9,20 @@ import json
 
 import pandas as pd
 
-from harness.reports.section_drift import _ok, cell_label
+from harness.reports.common import Table, cell_label, fmt, ok_rows
 from harness.reports.sections import Section
 
 
 def _calibrations(df: pd.DataFrame) -> dict[str, str]:
-    q = _ok(df, "quantize")
+    q = ok_rows(df, "quantize")
     return {r["cell_id"]: r["params"]["calibration"]["corpus"] for _, r in q.iterrows()
             if isinstance(r["params"].get("calibration"), dict)}
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    from harness.reports.html import Table, _fmt
 
     cal = _calibrations(df)
-    ppl = _ok(df, "perplexity")
+    ppl = ok_rows(df, "perplexity")
     ppl = ppl[ppl["metric"] == "ppl"]
     if not cal or ppl.empty:
         return None
@@ -43,7 +42,7 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
                 row.append(("", ""))
                 continue
             ratio = f" ({r['value'] / ref['value']:.3f}x ref)" if ref is not None else ""
-            row.append((f"{_fmt(r['value'])} ± {_fmt(r['uncertainty'])}{ratio}", repr(float(r["value"]))))
+            row.append((f"{fmt(r['value'])} ± {fmt(r['uncertainty'])}{ratio}", repr(float(r["value"]))))
         rows.append(row)
     tables = [Table(["cell", "calibrated on"] + [f"ppl on {c}" for c in corpora], rows)]
 
@@ -62,8 +61,8 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
                 gap = mismatched["value"] / matched["value"]
                 params = ", ".join(f"{k}={v}" for k, v in sorted(group.iloc[0]["variant_params"].items()))
                 gaps.append([(f"{group.iloc[0]['backend']} ({params})", ""),
-                             (corpus, ""), (f"{_fmt(matched['value'])} (calibrated on {corpus})", ""),
-                             (f"{_fmt(mismatched['value'])} (calibrated on {other})", ""),
+                             (corpus, ""), (f"{fmt(matched['value'])} (calibrated on {corpus})", ""),
+                             (f"{fmt(mismatched['value'])} (calibrated on {other})", ""),
                              (f"{gap:.3f}x", repr(gap))])
     if gaps:
         tables.append(Table(["variant", "evaluated on", "ppl, matched calibration", "ppl, mismatched calibration",

@@ -8,20 +8,24 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from harness.reports.common import CellLook, Table, cell_label, cell_looks, fmt, ok_rows
 from harness.reports.sections import Section
 
 MEASUREMENT = "drift"
 
 
-def cell_label(row) -> str:
-    return f"{row['backend']}:{row['variant']}"
+def _style(look: CellLook | None, is_reference: bool) -> dict:
+    if is_reference:
+        return {"marker": {"symbol": "star", "color": "goldenrod", "size": 9}, "line": {"color": "goldenrod", "dash": "dash"}}
+    if look is None:
+        return {}
+    return {"marker": {"symbol": look.symbol, "color": look.color, "size": 7}, "line": {"color": look.color}}
 
 
-def _ok(df: pd.DataFrame, measurement: str) -> pd.DataFrame:
-    return df[(df["measurement"] == measurement) & (df["status"] == "ok") & df["value"].notna()]
-
-
-def _curve(rows: pd.DataFrame, metric: str, title: str, yaxis: str, log: bool) -> go.Figure | None:
+def curve_figure(rows: pd.DataFrame, metric: str, title: str, yaxis: str, log: bool,
+                 looks: dict[str, CellLook] | None = None) -> go.Figure | None:
+    """One line per cell against token position; `looks` (reports.common.cell_looks of the whole run)
+    keeps each cell's colour and symbol the same as in the frontier figures."""
     sel = rows[rows["metric"] == metric]
     if sel.empty:
         return None
@@ -34,6 +38,7 @@ def _curve(rows: pd.DataFrame, metric: str, title: str, yaxis: str, log: bool) -
         name = cell_label(g.iloc[0]) + (f" ({g.iloc[0]['model']})" if show_model else "")
         fig.add_trace(go.Scatter(
             x=g["mid"], y=g["value"], mode="lines+markers", name=name,
+            **_style((looks or {}).get(cell_id), bool(g.iloc[0]["is_reference"])),
             error_y=dict(type="data", array=g["uncertainty"].fillna(0).tolist(), visible=True, thickness=1),
             customdata=list(zip(lo.loc[g.index], hi.loc[g.index], g["n"])),
             hovertemplate=name + "<br>positions %{customdata[0]}-%{customdata[1]}: %{y:.4g}<br>n=%{customdata[2]}<extra></extra>",
@@ -44,7 +49,6 @@ def _curve(rows: pd.DataFrame, metric: str, title: str, yaxis: str, log: bool) -
 
 
 def _generation_table(rows: pd.DataFrame):
-    from harness.reports.html import Table, _fmt
 
     gen = rows[rows["metric"].isin(["never_diverged_fraction", "first_divergence_p10", "first_divergence_p50",
                                     "first_divergence_p90"])]
@@ -59,22 +63,23 @@ def _generation_table(rows: pd.DataFrame):
                  (str(first["params"].get("new_tokens")), "")]
         for m in ("first_divergence_p10", "first_divergence_p50", "first_divergence_p90", "never_diverged_fraction"):
             r = v.get(m)
-            cells.append(("", "") if r is None else (_fmt(r["value"]), repr(float(r["value"]))))
+            cells.append(("", "") if r is None else (fmt(r["value"]), repr(float(r["value"]))))
         out.append(cells)
     return Table(headers, out)
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    rows = _ok(df, MEASUREMENT)
+    rows = ok_rows(df, MEASUREMENT)
     if rows.empty:
         return None
     refs = sorted({str(p.get("reference_cell")) for p in rows["params"] if p.get("reference_cell")})
     ref_cells = df[df["cell_id"].isin(refs)].drop_duplicates("cell_id")
     ref_names = ", ".join(cell_label(r) for _, r in ref_cells.iterrows()) or "the suite's reference"
     p = rows.iloc[0]["params"]
+    looks = cell_looks(df)
     figs = [f for f in (
-        _curve(rows, "kld_mean@pos", f"Mean KL divergence from {ref_names} by position", "KLD (nats), log scale", True),
-        _curve(rows, "top1_agreement@pos", f"Top-1 agreement with {ref_names} by position", "fraction", False),
+        curve_figure(rows, "kld_mean@pos", f"Mean KL divergence from {ref_names} by position", "KLD (nats), log scale", True, looks),
+        curve_figure(rows, "top1_agreement@pos", f"Top-1 agreement with {ref_names} by position", "fraction", False, looks),
     ) if f is not None]
     table = _generation_table(rows)
     return Section(

@@ -13,6 +13,7 @@ import re
 import pandas as pd
 import plotly.graph_objects as go
 
+from harness.reports.common import Table
 from harness.reports.sections import Section
 
 MB = 1e6
@@ -52,7 +53,6 @@ def _scatter(points: list[dict], x: str, x_title: str, title: str) -> go.Figure:
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    from harness.reports.html import Table
 
     rows = _ok(df)
     if not (rows["measurement"] == "embedding").any():

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 
 from harness.metrics.meaning import spec_for
 from harness.records import instance_label, measurement_instance
-from harness.reports.html import pareto_front
+from harness.reports.common import REFERENCE_MARKER, axis_type, cell_looks, pareto_front
 from harness.reports.sections import Section
 
 # (metric names tried in order, menu label, axis title, scale, lower is better)
@@ -71,6 +71,7 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
     if len(combos) < 2:
         return None
     fig = go.Figure()
+    looks = cell_looks(df)
     buttons, masks = [], []
     for (xc, xrows), (meas, metric, key) in combos:
         _, xlabel, xtitle, scale, x_lower = xc
@@ -90,23 +91,32 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
             fp = pts.iloc[front].sort_values("x")
             fig.add_trace(go.Scatter(x=fp["x"], y=fp["value"], mode="lines", name="Pareto front", hoverinfo="skip",
                                      line={"shape": "hv" if x_lower else "vh", "color": "rgba(80,80,80,0.6)", "width": 2}))
+        # one trace per backend (per-point symbols and labels): the menu holds every pair, so a trace
+        # per cell would multiply the page's JSON by the number of cells
+        hover = f"<b>%{{text}}</b><br>{html.escape(metric)}: %{{y:.4g}}<br>{html.escape(xlabel)}: %{{x:.4g}}<extra></extra>"
         for backend, g in pts[~pts["is_reference"].astype(bool)].groupby("backend", sort=True):
+            g = g.sort_values("variant")
+            gl = [looks.get(c) for c in g["cell_id"]]
             fig.add_trace(go.Scatter(
-                x=g["x"], y=g["value"], mode="markers", name=html.escape(str(backend)), marker={"size": 10},
-                error_y={"type": "data", "array": [None if pd.isna(u) else float(u) for u in g["uncertainty"]], "visible": True},
-                text=[html.escape(str(v)) for v in g["variant"]],
-                hovertemplate="<b>%{text}</b><br>" + f"{html.escape(metric)}: %{{y:.4g}}<br>{html.escape(xlabel)}: %{{x:.4g}}<extra></extra>"))
+                x=g["x"], y=g["value"], mode="markers+text", name=html.escape(str(backend)),
+                text=[html.escape(str(v)) for v in g["variant"]], textposition="top center", textfont={"size": 10},
+                marker={"size": 10, "color": gl[0].color if gl[0] else None,
+                        "symbol": [lk.symbol if lk else "circle" for lk in gl]},
+                error_y={"type": "data", "array": [None if pd.isna(u) else float(u) for u in g["uncertainty"]],
+                         "visible": True, "thickness": 1},
+                hovertemplate=hover))
         ref = pts[pts["is_reference"].astype(bool)]
         if not ref.empty:
             fig.add_trace(go.Scatter(
-                x=ref["x"], y=ref["value"], mode="markers", name="reference (" + html.escape(str(ref["variant"].iloc[0])) + ")",
-                marker={"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
-                hovertemplate=f"reference<br>{html.escape(metric)}: %{{y:.4g}}<extra></extra>"))
+                x=ref["x"], y=ref["value"], mode="markers+text", name="reference", marker=dict(REFERENCE_MARKER),
+                text=[html.escape(str(v)) for v in ref["variant"]], textposition="top center", textfont={"size": 10},
+                hovertemplate=hover))
         n = len(fig.data) - start
         masks.append((start, n))
         unit = next((str(u) for u in pts["unit"] if isinstance(u, str) and u), "")
         ytitle = f"{meas}/{metric}" + (f" ({unit})" if unit else "") + (", lower is better" if y_lower else ", higher is better")
-        buttons.append({"label": f"{metric_label} vs {xlabel}", "ytitle": html.escape(ytitle), "xtitle": xtitle})
+        buttons.append({"label": f"{metric_label} vs {xlabel}", "ytitle": html.escape(ytitle), "xtitle": xtitle,
+                        "xtype": axis_type(pts["x"]), "ytype": axis_type(pts["value"])})
     if len(buttons) < 2:
         return None
     total = len(fig.data)
@@ -115,12 +125,14 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
         visible = [start <= i < start + n for i in range(total)]
         menu.append({"label": html.escape(b["label"]), "method": "update",
                      "args": [{"visible": visible}, {"xaxis.title.text": b["xtitle"], "yaxis.title.text": b["ytitle"],
+                                                     "xaxis.type": b["xtype"], "yaxis.type": b["ytype"],
                                                      "title.text": f"{html.escape(model)}: {html.escape(b['label'])}"}]})
     for i, trace in enumerate(fig.data):
         trace.visible = i < masks[0][0] + masks[0][1]
     fig.update_layout(
         title=f"{html.escape(model)}: {html.escape(buttons[0]['label'])}", template="plotly_white",
-        xaxis_title=buttons[0]["xtitle"], yaxis_title=buttons[0]["ytitle"], legend_title_text="backend",
+        xaxis={"title": {"text": buttons[0]["xtitle"]}, "type": buttons[0]["xtype"]},
+        yaxis={"title": {"text": buttons[0]["ytitle"]}, "type": buttons[0]["ytype"]}, legend_title_text="cell (backend:variant)",
         updatemenus=[{"buttons": menu, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.18, "yanchor": "top",
                       "showactive": True}],
         margin={"t": 90},
@@ -138,6 +150,7 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
         title="Frontier explorer",
         intro=("Pick any quality metric against bits per weight, weight size or decode speed (when measured) from "
                "the menu. Error bars are the recorded uncertainty; the star is the reference cell; the grey line is "
-               "the Pareto front for the chosen pair, each axis in its own better direction."),
+               "the Pareto front for the chosen pair, each axis in its own better direction. An axis whose values "
+               "span more than 2.5x is drawn in log scale."),
         figures=figs,
     )

@@ -18,7 +18,8 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from harness.reports.section_drift import _curve
+from harness.reports.section_drift import curve_figure
+from harness.reports.common import Table
 from harness.reports.sections import Section
 
 QUALITY = (("perplexity", "ppl"), ("divergence", "kld_mean"))
@@ -60,7 +61,7 @@ def _text(v: float | None, fmt: str = "{:.4g}") -> tuple[str, str]:
 
 def _drift(rows: pd.DataFrame, cell_ids: list[str], title: str) -> go.Figure | None:
     sel = rows[rows["cell_id"].isin(cell_ids) & (rows["measurement"] == "drift")]
-    return None if sel.empty else _curve(sel, "kld_mean@pos", title, "KLD (nats), log scale", True)
+    return None if sel.empty else curve_figure(sel, "kld_mean@pos", title, "KLD (nats), log scale", True)
 
 
 def _reference_ppl(rows: pd.DataFrame) -> float | None:
@@ -69,7 +70,6 @@ def _reference_ppl(rows: pd.DataFrame) -> float | None:
 
 
 def _qat(rows: pd.DataFrame):
-    from harness.reports.html import Table
 
     cells = _cells(rows, "qat")
     if cells.empty:
@@ -112,7 +112,6 @@ def _qat(rows: pd.DataFrame):
 
 
 def _mixed(rows: pd.DataFrame):
-    from harness.reports.html import Table
 
     mixed = _cells(rows, "mixed")
     if mixed.empty:
@@ -144,7 +143,6 @@ def _mixed(rows: pd.DataFrame):
 
 
 def _kv(rows: pd.DataFrame):
-    from harness.reports.html import Table
 
     cells = _cells(rows, "kv-cache")
     if cells.empty:

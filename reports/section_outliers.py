@@ -14,7 +14,7 @@ import re
 import pandas as pd
 import plotly.graph_objects as go
 
-from harness.reports.section_drift import _ok, cell_label
+from harness.reports.common import Table, cell_label, fmt, ok_rows
 from harness.reports.sections import Section
 
 TOP_LAYERS = 20
@@ -82,25 +82,24 @@ def sensitivity_bars(rows: pd.DataFrame) -> go.Figure | None:
 
 
 def _tables(rows: pd.DataFrame):
-    from harness.reports.html import Table, _fmt
 
     out = []
     groups = rows[rows["metric"] == "group_kld@group"]
     if not groups.empty:
         out.append(Table(["scheme", "layers quantized together (regex)", "layers", "KLD (nats) ± stderr"], [
             [(str(p["scheme"]), ""), (str(p["group"]), ""), (str(p.get("layers_in_group")), ""),
-             (f"{_fmt(v)} ± {_fmt(u)}", repr(float(v)))]
+             (f"{fmt(v)} ± {fmt(u)}", repr(float(v)))]
             for p, v, u in zip(groups["params"], groups["value"], groups["uncertainty"])]))
     mixed = rows[rows["metric"] == "mixed_kld@keep"]
     if not mixed.empty:
         out.append(Table(["mixed precision (measured)", "KLD (nats)", "KLD, all layers at base", "bytes of the linear layers"], [
-            [(str(p["suggestion"]), ""), (_fmt(v), repr(float(v))), (_fmt(p["base_kld"]), ""), (f"{p['bytes']:,}", str(p["bytes"]))]
+            [(str(p["suggestion"]), ""), (fmt(v), repr(float(v))), (fmt(p["base_kld"]), ""), (f"{p['bytes']:,}", str(p["bytes"]))]
             for p, v in zip(mixed["params"], mixed["value"])]))
     return out
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    rows = pd.concat([_ok(df, "outliers"), _ok(df, "sensitivity")])
+    rows = pd.concat([ok_rows(df, "outliers"), ok_rows(df, "sensitivity")])
     if rows.empty:
         return None
     figs = [f for f in (probe_heatmap(rows), error_heatmap(rows), sensitivity_bars(rows)) if f is not None]

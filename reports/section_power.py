@@ -12,6 +12,7 @@ import math
 import pandas as pd
 
 from harness.metrics.paired import UNDERPOWERED_RECOVERY_POINTS, Z_ALPHA, underpowered_recovery
+from harness.reports.common import Table
 from harness.reports.sections import Section
 
 
@@ -61,7 +62,6 @@ def _rows(df: pd.DataFrame) -> list[tuple[str, int, int, float | None, int, int,
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    from harness.reports.html import Table
 
     rows = _rows(df) if not df.empty else []
     if not rows:

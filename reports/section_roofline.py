@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-from harness.reports.section_drift import _ok, cell_label
+from harness.reports.common import Table, cell_label, cell_looks, esc, fmt, fmt_unc, ok_rows
 from harness.reports.sections import Section
 
 POINT_PREFIXES = ("decode_tokens_s@", "prefill_tokens_s@")
@@ -23,13 +23,11 @@ FAST_MODES = ("graph", "lean", "triton")  # decode modes set beside plain genera
 
 
 def _points(df: pd.DataFrame) -> pd.DataFrame:
-    speed = _ok(df, "speed")
+    speed = ok_rows(df, "speed")
     return speed[speed["metric"].str.startswith(POINT_PREFIXES)]
 
 
-def _figure(profile: str, ceil: pd.DataFrame, pts: pd.DataFrame) -> go.Figure:
-    from harness.reports.html import _esc
-
+def _figure(profile: str, ceil: pd.DataFrame, pts: pd.DataFrame, looks: dict | None = None) -> go.Figure:
     xs = [p["intensity"] for p in pts["params"]] or [1.0]
     lo, hi = min(xs + [0.1]) / 3, max(xs + [1e4]) * 3
     fig = go.Figure()
@@ -46,45 +44,47 @@ def _figure(profile: str, ceil: pd.DataFrame, pts: pd.DataFrame) -> go.Figure:
             if sheet and sheet_bw:
                 fig.add_trace(go.Scatter(x=[lo, sheet / sheet_bw, hi], y=[lo * sheet_bw, sheet, sheet], mode="lines",
                                          line={"dash": "dot", "width": 1}, name=f"datasheet {label}", visible="legendonly"))
+    looks = cell_looks(pts) if looks is None else looks
     for (cell, phase), group in pts.groupby([pts.apply(cell_label, axis=1), pts["metric"].str.split("@").str[0]]):
         params = list(group["params"])
+        look = looks.get(group.iloc[0]["cell_id"])
         fig.add_trace(go.Scatter(
             x=[p["intensity"] for p in params], y=[p["achieved_flops"] for p in params], mode="markers",
-            marker={"symbol": "circle" if phase.startswith("decode") else "diamond", "size": 9},
-            name=_esc(f"{cell} {phase.split('_')[0]}"),
-            text=[_esc(f"{m.split('@')[1]}: {v:.4g} tok/s, {p['roofline_fraction']:.0%} of roofline "
+            marker={"symbol": "circle" if phase.startswith("decode") else "diamond", "size": 9,
+                    "color": look.color if look else None},
+            name=esc(f"{cell} {phase.split('_')[0]}"),
+            text=[esc(f"{m.split('@')[1]}: {v:.4g} tok/s, {p['roofline_fraction']:.0%} of roofline "
                        f"({p['roofline_tokens_s']:.4g}), bw util {p['bandwidth_utilisation']:.0%}")
                   for m, v, p in zip(group["metric"], group["value"], params)],
             hovertemplate="%{text}<extra></extra>"))
-    fig.update_layout(title=_esc(f"Roofline: {profile}"), xaxis={"type": "log", "title": "arithmetic intensity (ops/byte)"},
+    fig.update_layout(title=esc(f"Roofline: {profile}"), xaxis={"type": "log", "title": "arithmetic intensity (ops/byte)"},
                       yaxis={"type": "log", "title": "ops/s"}, height=460, margin={"t": 50})
     return fig
 
 
 def build(df: pd.DataFrame, info: dict) -> Section | None:
-    from harness.reports.html import Table, _fmt, _fmt_unc
 
     pts = _points(df)
     if pts.empty:
         return None
-    ceilings = _ok(df, "ceilings")
+    ceilings = ok_rows(df, "ceilings")
     figures, rows, gaps = [], [], []
     for profile, group in pts.groupby("hardware_profile"):
         ceil = ceilings[ceilings["hardware_profile"] == profile].drop_duplicates("metric")
-        figures.append(_figure(str(profile), ceil, group))
-    energy = _ok(df, "speed")
+        figures.append(_figure(str(profile), ceil, group, cell_looks(df)))
+    energy = ok_rows(df, "speed")
     energy = {(r["cell_id"], r["metric"].split("@")[1]): r["value"] for _, r in energy.iterrows()
               if r["metric"].startswith("energy_j_per_token@")}
     for _, r in pts.iterrows():
         p, tag = r["params"], r["metric"].split("@")[1]
         rows.append([(cell_label(r), ""), (str(r["hardware_profile"]), ""), (p["phase"], ""), (p.get("mode", "-"), ""),
                      (str(p["batch"]), repr(float(p["batch"]))), (str(p.get("context", p.get("prompt_length"))), ""),
-                     (_fmt_unc(r["value"], r["uncertainty"]), repr(float(r["value"]))),
-                     (_fmt(p["roofline_tokens_s"]), repr(float(p["roofline_tokens_s"]))),
+                     (fmt_unc(r["value"], r["uncertainty"]), repr(float(r["value"]))),
+                     (fmt(p["roofline_tokens_s"]), repr(float(p["roofline_tokens_s"]))),
                      (f"{p['roofline_fraction']:.1%}", repr(float(p["roofline_fraction"]))),
                      (f"{p['bandwidth_utilisation']:.1%}", repr(float(p["bandwidth_utilisation"]))),
-                     (_fmt(p["intensity"]), repr(float(p["intensity"]))),
-                     (_fmt(energy.get((r["cell_id"], tag))), "")])
+                     (fmt(p["intensity"]), repr(float(p["intensity"]))),
+                     (fmt(energy.get((r["cell_id"], tag))), "")])
     decode = pts[pts["metric"].str.startswith("decode_tokens_s@")]
     by_key = {(r["cell_id"], r["params"]["mode"], r["params"]["batch"], r["params"]["context"]): r for _, r in decode.iterrows()}
     for (cid, mode, batch, context), r in by_key.items():
@@ -93,9 +93,9 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
             cols = []
             for m in FAST_MODES:
                 x = fast[m]
-                cols += [(_fmt(x["value"]), repr(float(x["value"]))) if x is not None else ("-", ""),
+                cols += [(fmt(x["value"]), repr(float(x["value"]))) if x is not None else ("-", ""),
                          (f"{x['value'] / r['value']:.2f}x", repr(x["value"] / r["value"])) if x is not None else ("-", "")]
-            gaps.append([(cell_label(r), ""), (str(batch), ""), (str(context), ""), (_fmt(r["value"]), repr(float(r["value"]))),
+            gaps.append([(cell_label(r), ""), (str(batch), ""), (str(context), ""), (fmt(r["value"]), repr(float(r["value"]))),
                          *cols])
     tables = [Table(["cell", "hardware", "phase", "mode", "batch", "context", "tokens/s (± IQR/2)", "roofline tokens/s",
                      "of roofline", "bandwidth utilisation", "ops/byte", "J/token"], rows)]
@@ -105,15 +105,15 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
                              *[h for m in FAST_MODES for h in (f"{m} tokens/s", f"{m} / framework")]], gaps))
     else:
         notes.append("No cell ran both decode modes here (graph-captured decode needs a CUDA device): no framework-vs-graph gap.")
-    for _, r in _ok(df, "speed")[lambda d: d["metric"] == "decode_tokens_s"].drop_duplicates("hardware_profile").iterrows():
+    for _, r in ok_rows(df, "speed")[lambda d: d["metric"] == "decode_tokens_s"].drop_duplicates("hardware_profile").iterrows():
         layers = r["params"].get("layers") or []
         if layers:  # one per-layer table per hardware profile, from its first cell
             tables.append(Table(
                 [f"layer ({cell_label(r)}, {r['hardware_profile']}, decode b{r['params']['batch']})", "per forward",
                  "decode ops/byte", "prefill ops/byte", "decode bytes", "share of decode floor", "decode bound by"],
-                [[(x["layer"], ""), (str(x["count"]), ""), (_fmt(x["decode_intensity"]), repr(float(x["decode_intensity"]))),
-                  (_fmt(x["prefill_intensity"]), repr(float(x["prefill_intensity"]))),
-                  (_fmt(x["decode_bytes"]), repr(float(x["decode_bytes"]))),
+                [[(x["layer"], ""), (str(x["count"]), ""), (fmt(x["decode_intensity"]), repr(float(x["decode_intensity"]))),
+                  (fmt(x["prefill_intensity"]), repr(float(x["prefill_intensity"]))),
+                  (fmt(x["decode_bytes"]), repr(float(x["decode_bytes"]))),
                   (f"{x['decode_floor_share']:.1%}", repr(float(x["decode_floor_share"]))), (x["decode_bound"], "")]
                  for x in layers]))
     if ceilings.empty:

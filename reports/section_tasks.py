@@ -10,6 +10,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from harness.metrics.paired import UNDERPOWERED_RECOVERY_POINTS, underpowered_recovery
+from harness.reports.common import SYMBOLS, Table, cell_looks, fmt
+
+BAR_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")  # bars cannot take marker symbols: a backend's variants get patterns
 from harness.reports.sections import Section
 
 MEASUREMENT = "tasks"
@@ -26,15 +29,13 @@ def _count(n) -> str:
 def _pm(r) -> tuple[str, str]:
     if r is None:
         return "", ""
-    from harness.reports.html import _fmt
 
     se = r["uncertainty"]
-    text = _fmt(r["value"]) + ("" if pd.isna(se) else f" ± {_fmt(se)}")
+    text = fmt(r["value"]) + ("" if pd.isna(se) else f" ± {fmt(se)}")
     return text, repr(float(r["value"]))
 
 
 def _table(rows: pd.DataFrame):
-    from harness.reports.html import Table
 
     headers = ["model", "cell", "task", "shots", "n", "acc ± se", "acc_norm ± se", "ppl (cloze)", "% recovery ± se",
                "detectable drop (points)", "flips c→w / w→c", "McNemar p"]
@@ -52,24 +53,23 @@ def _table(rows: pd.DataFrame):
 
 def _paired_cells(recovery, flip) -> list[tuple[str, str]]:
     """MDE of the recovery (marked when underpowered), the flip counts, McNemar's p."""
-    from harness.reports.html import _fmt
 
     mde = (recovery["params"] or {}).get("mde") if recovery is not None else None
     mde_cell = ("", "") if mde is None else (
-        f"{_fmt(mde, 3)}" + (" (underpowered)" if underpowered_recovery(mde) else ""), repr(float(mde)))
+        f"{fmt(mde, 3)}" + (" (underpowered)" if underpowered_recovery(mde) else ""), repr(float(mde)))
     if flip is None:
         return [mde_cell, ("", ""), ("", "")]
     fp = flip["params"] or {}
     c2w, w2c, p = fp.get("correct_to_wrong"), fp.get("wrong_to_correct"), fp.get("mcnemar_p")
     return [mde_cell, (f"{c2w} / {w2c}", repr(float((c2w or 0) + (w2c or 0)))),
-            ("" if p is None else _fmt(p, 3), "" if p is None else repr(float(p)))]
+            ("" if p is None else fmt(p, 3), "" if p is None else repr(float(p)))]
 
 
 def _powered(rec: pd.DataFrame) -> pd.Series:
     return pd.Series([not underpowered_recovery((p or {}).get("mde")) for p in rec["params"]], index=rec.index)
 
 
-def _figure(rows: pd.DataFrame) -> go.Figure | None:
+def _figure(rows: pd.DataFrame, looks: dict | None = None) -> go.Figure | None:
     rec = rows[rows["metric"].str.startswith("recovery@")]
     rec = rec[_powered(rec)]
     if rec.empty:
@@ -77,7 +77,9 @@ def _figure(rows: pd.DataFrame) -> go.Figure | None:
     fig = go.Figure()
     for cell_id, g in rec.groupby("cell_id", sort=False):
         name = _cell(g.iloc[0])
-        fig.add_trace(go.Bar(x=g["task"], y=g["value"], name=name,
+        look = (looks or {}).get(cell_id)
+        fig.add_trace(go.Bar(x=g["task"], y=g["value"], name=name, marker_color=look.color if look else None,
+                             marker_pattern_shape=BAR_PATTERNS[SYMBOLS.index(look.symbol) % len(BAR_PATTERNS)] if look else None,
                              error_y=dict(type="data", array=g["uncertainty"].fillna(0).tolist(), visible=True),
                              hovertemplate=name + "<br>%{x}: %{y:.1f}%<extra></extra>"))
     fig.add_hline(y=100, line_dash="dot")
@@ -91,7 +93,7 @@ def build(df: pd.DataFrame, info: dict) -> Section | None:
     if rows.empty:
         return None
     rows = rows.assign(task=rows["metric"].str.split("@").str[1])
-    figure = _figure(rows)
+    figure = _figure(rows, cell_looks(df))
     limit = rows.iloc[0]["params"].get("limit")
     rec = rows[rows["metric"].str.startswith("recovery@")]
     weak = int((~_powered(rec)).sum()) if not rec.empty else 0

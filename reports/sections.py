@@ -13,7 +13,11 @@ import pandas as pd
 
 from harness.registry import import_object
 
-# name -> "module:builder"; order is page order.
+# Shown first, above the frontier figures: the answer to the question the run was made for.
+LEAD_SECTIONS: dict[str, str] = {
+    "verdict": "harness.reports.section_verdict:build",
+}
+# name -> "module:builder"; order is page order (after the frontier figures).
 SECTIONS: dict[str, str] = {
     "frontier-explorer": "harness.reports.section_frontier_explorer:build",
     "power": "harness.reports.section_power:build",
@@ -37,11 +41,11 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
-def build_sections(df: pd.DataFrame, info: dict) -> list[Section]:
+def build_sections(df: pd.DataFrame, info: dict, registry: dict[str, str] | None = None) -> list[Section]:
     """Every registered section that has something to show; a builder that breaks becomes a note
     on the page, never a missing report."""
     out = []
-    for name, path in SECTIONS.items():
+    for name, path in (SECTIONS if registry is None else registry).items():
         try:
             section = import_object(path)(df, info)
         except Exception as exc:  # noqa: BLE001 - one broken figure must not cost the report

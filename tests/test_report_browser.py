@@ -147,6 +147,11 @@ def test_run_report_renders_in_chromium(tmp_path):
     assert "worker died: SIGSEGV" in dom  # failed cells with reasons
     assert "What this run could detect" in dom and "The sensitive measurement of this run: perplexity ratio" in dom
     assert "McNemar p" in dom and "2 / 1" in dom and "62.5 (underpowered)" in dom  # flips, and no finding from 16 items
+    # the answer first, and every point labelled in the rendered SVG (readable without hovering)
+    assert "The answer" in dom and dom.index("The answer") < dom.index("Quality vs compression")
+    assert "ranked by perplexity/ppl_ratio" in dom and "Pareto cells, bits per weight vs ppl_ratio" in dom
+    for variant in ("Q4_K_M", "int4", "int8"):
+        assert re.search(r'class="textpoint".{0,600}?>' + variant + "<", dom, re.S), variant
     screenshot(page, tmp_path / "run-report.png")
 
 
