@@ -107,7 +107,7 @@ def _mean_se(x: torch.Tensor) -> dict[str, float]:
 def train_fake_quantized(model: torch.nn.Module, windows: torch.Tensor, variant: QATVariant) -> dict[str, Any]:
     """`variant.steps` AdamW steps on `windows` (cycled, in order); the loss of every step."""
     params = [p for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n]
-    for n, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         p.requires_grad_(any(p is q for q in params))
     optimizer = torch.optim.AdamW(params, lr=variant.lr, weight_decay=0.0)
     model.train()

@@ -1,5 +1,5 @@
 """auto-gptq 0.7.1 on CPU: does its QuantLinear forward work for in_features=576 with g128 / g64?"""
-import torch, traceback
+import torch
 from auto_gptq.utils.import_utils import dynamically_import_QuantLinear
 for gs in (128, 64, 32):
     for desc_act in (False, True):

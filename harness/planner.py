@@ -71,7 +71,7 @@ def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | No
 
     # parse every variant before touching any model
     parsed = []
-    for bi, spec in enumerate(specs):
+    for spec in specs:
         adapter = get_adapter(spec.name)
         for vi, raw in enumerate(spec.variants):
             params = dict(raw)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 
 import json
-import math
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -295,7 +294,7 @@ def cell_table(df: pd.DataFrame) -> Table:
         row = [(str(c["model"]), ""), (str(c["backend"]), ""),
                (str(c["variant"]) + (" (reference)" if c["is_reference"] else ""), ""),
                val(bits, cid), val(wbytes, cid, MB)]
-        for s, d in zip(specs, quality):
+        for d in quality:
             r = d.get(cid)
             if r is None:
                 row += [("", ""), ("", "")]

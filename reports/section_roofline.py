@@ -35,7 +35,7 @@ def _figure(profile: str, ceil: pd.DataFrame, pts: pd.DataFrame, looks: dict | N
     if not bw_rows.empty:
         bw = float(bw_rows.iloc[0]["value"])
         sheet_bw = bw_rows.iloc[0]["params"].get("datasheet")
-        for name, row in ceil[ceil["metric"].str.startswith("gemm_")].iterrows():
+        for _, row in ceil[ceil["metric"].str.startswith("gemm_")].iterrows():
             peak, label = float(row["value"]), row["metric"][5:]
             knee = peak / bw
             fig.add_trace(go.Scatter(x=[lo, knee, hi], y=[lo * bw, peak, peak], mode="lines", name=f"measured {label}",

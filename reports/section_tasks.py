@@ -11,9 +11,9 @@ import plotly.graph_objects as go
 
 from harness.metrics.paired import UNDERPOWERED_RECOVERY_POINTS, underpowered_recovery
 from harness.reports.common import SYMBOLS, Table, cell_looks, fmt
+from harness.reports.sections import Section
 
 BAR_PATTERNS = ("", "/", "x", ".", "\\", "+", "-", "|")  # bars cannot take marker symbols: a backend's variants get patterns
-from harness.reports.sections import Section
 
 MEASUREMENT = "tasks"
 
@@ -40,7 +40,7 @@ def _table(rows: pd.DataFrame):
     headers = ["model", "cell", "task", "shots", "n", "acc ± se", "acc_norm ± se", "ppl (cloze)", "% recovery ± se",
                "detectable drop (points)", "flips c→w / w→c", "McNemar p"]
     out = []
-    for (cell_id, task), g in rows.groupby(["cell_id", "task"], sort=False):
+    for (_cell_id, task), g in rows.groupby(["cell_id", "task"], sort=False):
         v = {r["metric"].split("@")[0]: r for _, r in g.iterrows()}
         first = g.iloc[0]
         p = first["params"]
