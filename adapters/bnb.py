@@ -32,6 +32,7 @@ from harness.adapters.base import (
     QuantizedModel,
     VariantConfig,
 )
+from harness.adapters.linears import replace_linears
 from harness.errors import HarnessError
 
 
@@ -155,13 +156,8 @@ class BitsAndBytesAdapter(Adapter):
     ) -> QuantizedModel:
         assert isinstance(variant, BnbVariant)
         device = torch.device(device)
-        names = [name for name, mod in model.named_modules()
-                 if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            # .to(device) on a not-yet-quantized bnb layer is where bitsandbytes quantizes it
-            setattr(parent, child, self._layer(getattr(parent, child), variant).to(device))
+        # .to(device) on a not-yet-quantized bnb layer is where bitsandbytes quantizes it
+        names = replace_linears(model, lambda _name, linear: self._layer(linear, variant).to(device))
         model = model.to(device)
         info: dict[str, Any] = {"quantized_layers": len(names), "mode": variant.mode,
                                 "kernel": "bnb.matmul (LLM.int8)" if variant.mode == "int8" else "bnb.matmul_4bit"}

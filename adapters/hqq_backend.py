@@ -28,6 +28,7 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
+from harness.adapters.linears import replace_linears
 from harness.errors import HarnessError
 from harness.storage import tensor_bytes
 
@@ -105,14 +106,8 @@ class HQQAdapter(Adapter):
         config["weight_quant_params"]["optimize"] = variant.optimize
         compute_dtype = getattr(torch, variant.compute_dtype)
         model = model.to(dtype=compute_dtype)  # HQQLinear computes in compute_dtype: so must its neighbours
-        names = [name for name, mod in model.named_modules()
-                 if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            linear = getattr(parent, child)
-            setattr(parent, child, HQQLinear(linear, quant_config=config, compute_dtype=compute_dtype,
-                                             device=str(device), del_orig=True))
+        names = replace_linears(model, lambda _name, linear: HQQLinear(linear, quant_config=config, compute_dtype=compute_dtype,
+                                                                        device=str(device), del_orig=True))
         model = model.to(device)
         info = {"kernel": f"hqq HQQLinear ({HQQLinear.backend.value})", "quantized_layers": len(names),
                 "optimize": variant.optimize, "compute_dtype": str(compute_dtype).removeprefix("torch.")}

@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.linears import linear_names, replace_module
 from harness.errors import HarnessError
 
 FLOAT = "float"
@@ -106,21 +107,12 @@ def resolve(variant: MixedVariant, names: list[str]) -> dict[str, Params]:
     return out
 
 
-def _target_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
-
-
-def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _apply_rtn(model, plan, default, device) -> QuantizedModel:
     from harness.adapters.rtn import RTNLinear
 
     for name, v in plan.items():
         if v is not None:
-            _replace(model, name, RTNLinear.from_linear(model.get_submodule(name), v, device))
+            replace_module(model, name, RTNLinear.from_linear(model.get_submodule(name), v, device))
     return QuantizedModel(model.to(device), device, info={"kernel": "torch dequantize+F.linear (rtn per module)"})
 
 
@@ -140,7 +132,7 @@ def _apply_hqq(model, plan, default, device) -> QuantizedModel:
             continue
         config = BaseQuantizeConfig(nbits=v.bits, group_size=v.group_size, axis=v.axis)
         config["weight_quant_params"]["optimize"] = v.optimize
-        _replace(model, name, HQQLinear(model.get_submodule(name), quant_config=config, compute_dtype=compute_dtype,
+        replace_module(model, name, HQQLinear(model.get_submodule(name), quant_config=config, compute_dtype=compute_dtype,
                                         device=str(device), del_orig=True))
     return HQQQuantizedModel(model.to(device), device, info={"kernel": "hqq HQQLinear (per-module configs)"})
 
@@ -230,7 +222,7 @@ class MixedPrecisionAdapter(Adapter):
                  device: torch.device) -> QuantizedModel:
         assert isinstance(variant, MixedVariant)
         device = torch.device(device)
-        plan = resolve(variant, _target_names(model))
+        plan = resolve(variant, linear_names(model))
         parsed = {n: self._parse(variant, p) for n, p in plan.items()}
         default = self._parse(variant, variant.allocation["default"])
         qmodel = APPLY[variant.base](model, parsed, default, device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from harness.adapters.base import Adapter, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig, check_group_size
+from harness.adapters.linears import replace_linears
 from harness.errors import HarnessError
 from harness.packing import pack_bits, unpack_bits
 
@@ -129,12 +130,8 @@ class RTNAdapter(Adapter):
         layer is ever on `device` next to the already packed ones."""
         assert isinstance(variant, RTNVariant)
         device = torch.device(device)
-        names = [name for name, mod in model.named_modules()
-                 if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")]
-        for name in names:  # names, not modules: each float layer is freed once replaced
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, RTNLinear.from_linear(getattr(parent, child), variant, device))
+        # names, not modules: each float layer is freed once replaced
+        replace_linears(model, lambda _name, linear: RTNLinear.from_linear(linear, variant, device))
         model = model.to(device)
         n = sum(isinstance(m, RTNLinear) for m in model.modules())
         return QuantizedModel(model, device, info={"kernel": "torch dequantize+F.linear", "quantized_layers": n})

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from pydantic import Field
 
+from harness.adapters.linears import replace_module
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
@@ -99,14 +100,12 @@ class Swapper:
         self.model, self.saved = model, {}
 
     def put(self, name: str, module: torch.nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        self.saved.setdefault(name, (parent, child, getattr(parent, child)))
-        setattr(parent, child, module)
+        old = replace_module(self.model, name, module)
+        self.saved.setdefault(name, old)
 
     def restore(self) -> None:
-        for parent, child, original in self.saved.values():
-            setattr(parent, child, original)
+        for name, original in self.saved.items():
+            replace_module(self.model, name, original)
         self.saved.clear()
 
 
