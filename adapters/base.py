@@ -136,6 +136,11 @@ class QuantizedModel:
         hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))
 
+    def new_cache(self) -> Any:
+        """The KV cache object `generate` should use, for adapters whose cache is their own (a quantized
+        KV cache, adapters/kvcache.py); None: the measurement builds transformers' default."""
+        return None
+
     def greedy_continuations(self, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> list[list[int]] | None:
         """Greedy continuations of prompts (k, len), each cut after its first EOS, for models whose
         runtime decodes outside torch's `generate` (llama.cpp, with its own KV cache); None: use

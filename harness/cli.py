@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from harness.cli_app import EXIT_USER_ERROR, app, console, err_console, user_errors  # noqa: F401 - EXIT_USER_ERROR is part of the CLI's API
 from harness.errors import HarnessError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Benchmark quantized models: quality, size and speed in one run.")
-console = Console()
-err_console = Console(stderr=True)
-
-EXIT_USER_ERROR = 2
-
-
-@contextmanager
-def user_errors():
-    """HarnessError (and YAML/validation errors already turned into it) -> one line, exit 2."""
-    try:
-        yield
-    except HarnessError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # [x] is text, not markup
-        raise typer.Exit(EXIT_USER_ERROR) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted: finished cells are saved; continue with --resume", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
 
 
 class ListWhat(str, Enum):
@@ -231,7 +210,8 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
             console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
-from harness import cli_ci  # noqa: E402,F401 - registers compare / check / export-benchmark on app
+
+from harness import cli_ci  # noqa: E402,F401 - registers compare / check / export on app, after run/list/report/env
 
 
 def main() -> None:

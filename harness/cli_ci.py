@@ -1,5 +1,5 @@
-"""CLI commands for CI: `harness compare`, `harness check`, `harness export-benchmark`. Registered on
-the main app (harness.cli imports this module), kept apart so the run commands stay readable."""
+"""CLI commands for CI: `harness compare`, `harness check`, `harness export`, `harness export-benchmark`.
+Registered on the main app (harness.cli imports this module), kept apart so the run commands stay readable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from harness.cli import app, console, err_console, user_errors
+from harness.cli_app import app, console, err_console, user_errors
 from harness.errors import HarnessError
 
 Z_HELP = "standard errors a difference must exceed to count (noise is not a regression)"
@@ -139,3 +139,21 @@ def export_benchmark(
     with user_errors():
         path, n = export_benchmarks(run, out)
         console.print(f"{n} benchmark(s) -> {path} (read with: pytest-benchmark compare {path})", highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="a run directory"),
+    to: str = typer.Option(..., "--to", help="mlflow, sqlite, lm-eval-json or pytest-benchmark (docs/EXPORTS.md)"),
+    out: Optional[str] = typer.Option(None, "--out", help="mlflow: tracking URI, or local folder for mlflow.db + mlruns/ "
+                                      "(default: $MLFLOW_TRACKING_URI, else .); sqlite: "
+                                      "database file (./qharness.sqlite); lm-eval-json: folder (./lm-eval-results); "
+                                      "pytest-benchmark: JSON file (./RUN_ID.benchmark.json)"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="mlflow: experiment name (default: the suite's name)"),
+):
+    """Export the run's current records to MLflow, an SQLite file, lm-eval results JSON or pytest-benchmark JSON."""
+    from harness.export_sinks import export_run
+
+    with user_errors():
+        done = export_run(run, to, out, experiment=experiment)
+        console.print(done.summary, highlight=False, soft_wrap=True, markup=False)

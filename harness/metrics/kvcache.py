@@ -40,8 +40,9 @@ def _tensors(x: Any):
 
 def hf_cache(qmodel):
     """The cache object `generate` would build for this model (see module docstring)."""
-    if hasattr(qmodel, "new_cache"):
-        return qmodel.new_cache()
+    own = qmodel.new_cache()  # a declared capability of QuantizedModel: None unless the adapter builds its own
+    if own is not None:
+        return own
     from transformers.cache_utils import DynamicCache, QuantizedCache
 
     kw = qmodel.generate_kwargs
