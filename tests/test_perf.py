@@ -279,3 +279,12 @@ def test_llm_perf_suite_on_the_embedded_model(tmp_path):
     assert ok[ok.metric == "decode_tokens_s@framework-b2-c32"].params.iloc[0]["bandwidth_utilisation"] > 0
     html = result.report.read_text()
     assert "Roofline" in html and "share of decode floor" in html and "section failed" not in html
+
+
+def test_every_decode_mode_a_suite_can_name_is_registered():
+    from typing import get_args
+
+    from harness.perf.measurements import DECODE_MODES, SpeedParams
+
+    named = set(get_args(get_args(SpeedParams.model_fields["modes"].annotation)[0]))
+    assert named == set(DECODE_MODES)

@@ -211,32 +211,7 @@ class Speed(Measurement):
         ids = dec.random_prompt(model.config.vocab_size, batch, context, device, seed=batch * 7919 + context)
         n = params.new_tokens
         meter = EnergyMeter(device)
-        if mode == "framework":
-            gen = dict(ctx.qmodel.generate_kwargs)
-            for _ in range(params.warmup):
-                dec.framework_decode(model, ids, min(4, n), gen)
-            with meter:
-                runs = [dec.framework_decode(model, ids, n, gen) for _ in range(params.repeats)]
-            kv = None
-            protocol = (f"decode mode framework: plain generate (greedy, {n} new tokens, random prompt of {context}), "
-                        f"per-token timestamps from a logits processor, warm-up {params.warmup}, {params.repeats} repeats")
-        elif mode in ("lean", "triton"):
-            timing, check = _lean_timing(model, ids, n * params.repeats, params.lean_inductor, meter, kernels=
-                                         "triton" if mode == "triton" else "torch")
-            runs = [dec.DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch)
-                    for i in range(params.repeats)]
-            kv = timing.kv_cache_bytes
-            protocol = (f"decode mode {mode}: {timing.note}; logits checked against the model first (max rel diff "
-                        f"{check['max_rel_logit_diff']:.2g}, argmax agreement {check['argmax_agreement']:.0%} over "
-                        f"{check['steps']} steps); {n * params.repeats} replays after a 3-step warm-up, CUDA events per "
-                        f"replay, repeats = {params.repeats} blocks of {n}")
-        else:
-            timing = dec.graph_decode(model, ids, n * params.repeats, compile=params.graph_compile, around_replays=meter)
-            runs = [dec.DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch)
-                    for i in range(params.repeats)]
-            kv = timing.kv_cache_bytes
-            protocol = (f"decode mode graph: {timing.note}, static KV cache, {n * params.repeats} replays after a "
-                        f"3-step warm-up, CUDA events per replay, repeats = {params.repeats} blocks of {n}")
+        runs, kv, protocol = DECODE_MODES[mode](ctx, model, ids, params, meter)
         per_repeat_s = [sum(r.tpot_s) for r in runs]
         tokens_per_repeat = batch * len(runs[0].tpot_s)
         rates = [tokens_per_repeat / s for s in per_repeat_s]
@@ -281,6 +256,54 @@ class Speed(Measurement):
                                       n=len(tpot), protocol="bytes that had to move per decode step / median step time / "
                                       "measured copy bandwidth", params={"tag": tag}))
         return values
+
+
+# -- decode modes: name -> timer(ctx, model, ids, params, meter) -> (per-repeat timings, static KV bytes
+# or None, protocol text). A new mode is one function and one line in DECODE_MODES.
+def _framework_mode(ctx, model, ids, params, meter):
+    from harness.perf import decode as dec
+
+    n, gen = params.new_tokens, dict(ctx.qmodel.generate_kwargs)
+    for _ in range(params.warmup):
+        dec.framework_decode(model, ids, min(4, n), gen)
+    with meter:
+        runs = [dec.framework_decode(model, ids, n, gen) for _ in range(params.repeats)]
+    protocol = (f"decode mode framework: plain generate (greedy, {n} new tokens, random prompt of {ids.shape[1]}), "
+                f"per-token timestamps from a logits processor, warm-up {params.warmup}, {params.repeats} repeats")
+    return runs, None, protocol
+
+
+def _blocks(timing, n: int, repeats: int, batch: int) -> list:
+    """One long replay of n * repeats steps cut into `repeats` timings of n steps each."""
+    from harness.perf.decode import DecodeTiming
+
+    return [DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch) for i in range(repeats)]
+
+
+def _lean_mode(kernels: str):
+    def timer(ctx, model, ids, params, meter):
+        n, mode = params.new_tokens, "triton" if kernels == "triton" else "lean"
+        timing, check = _lean_timing(model, ids, n * params.repeats, params.lean_inductor, meter, kernels=kernels)
+        protocol = (f"decode mode {mode}: {timing.note}; logits checked against the model first (max rel diff "
+                    f"{check['max_rel_logit_diff']:.2g}, argmax agreement {check['argmax_agreement']:.0%} over "
+                    f"{check['steps']} steps); {n * params.repeats} replays after a 3-step warm-up, CUDA events per "
+                    f"replay, repeats = {params.repeats} blocks of {n}")
+        return _blocks(timing, n, params.repeats, ids.shape[0]), timing.kv_cache_bytes, protocol
+    return timer
+
+
+def _graph_mode(ctx, model, ids, params, meter):
+    from harness.perf import decode as dec
+
+    n = params.new_tokens
+    timing = dec.graph_decode(model, ids, n * params.repeats, compile=params.graph_compile, around_replays=meter)
+    protocol = (f"decode mode graph: {timing.note}, static KV cache, {n * params.repeats} replays after a "
+                f"3-step warm-up, CUDA events per replay, repeats = {params.repeats} blocks of {n}")
+    return _blocks(timing, n, params.repeats, ids.shape[0]), timing.kv_cache_bytes, protocol
+
+
+DECODE_MODES = {"framework": _framework_mode, "graph": _graph_mode, "lean": _lean_mode("torch"),
+                "triton": _lean_mode("triton")}
 
 
 def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter, kernels: str = "torch"):
