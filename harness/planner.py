@@ -153,7 +153,8 @@ def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed
         return
     from harness.metrics import get_measurement
 
-    quality = [m["name"] for m in measurements if getattr(get_measurement(m["name"]), "needs_real_weights", True)]
+    quality = [m["name"] for m in measurements
+               if get_measurement(m["name"]).needs_real_weights or get_measurement(m["name"]).needs_tokenizer]
     if quality:
         raise HarnessError(f"suite '{suite.name}': model '{source.name}' has random-init weights (speed only); "
                            f"quality measurement(s) {', '.join(quality)} need real weights: use a real model or drop them")

@@ -65,6 +65,9 @@ class CellContext:
 class Measurement(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[MeasurementParams]]
+    # what a model must have for it: real (trained) weights, and a tokenizer; `shape:` models (random
+    # init, no tokenizer: harness.perf.shape_models) take only measurements that need neither (planner)
+    needs_real_weights: ClassVar[bool] = True
     needs_tokenizer: ClassVar[bool] = True
     tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)  # model kinds it can measure; others are refused at plan time
     # its values are timings: nothing of the harness's own may run beside its cell (no next worker
