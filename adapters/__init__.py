@@ -25,6 +25,7 @@ BACKENDS: Registry = Registry(
         "mixed": "harness.adapters.mixed:MixedPrecisionAdapter",
         "kv-cache": "harness.adapters.kvcache:KVCacheAdapter",
         "tensorrt": "harness.adapters.tensorrt:TensorRTAdapter",
+        "modelopt": "harness.adapters.modelopt_backend:ModelOptAdapter",
         "onnxruntime": "harness.adapters.onnxruntime_backend:OnnxRuntimeAdapter",
     },
 )

