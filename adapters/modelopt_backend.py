@@ -141,7 +141,8 @@ class ModelOptAdapter(Adapter):
         if calibration is None:
             raise HarnessError("modelopt: its recipes calibrate scales on data (none was given)")
         device = torch.device(device)
-        model = model.to(device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32).eval()
+        # the model's own dtype (the suite's reference is fp32): a cast would mix float error into the recipe's
+        model = model.to(device).eval()
         batches = calibration.input_ids[: variant.calibration_batches]
 
         def forward_loop(m: torch.nn.Module) -> None:

