@@ -116,6 +116,29 @@ def axis_type(values: Sequence[Any]) -> str:
     return "log" if max(vals) / min(vals) > SPAN_FOR_LOG_AXIS else "linear"
 
 
+def axis_layout(values: Sequence[Any], title: str) -> dict:
+    """A plotly axis dict: linear, or log with ticks written out in full (plotly's own log ticks
+    label 20 and 30 as "2" and "3" beside "10", which reads as nonsense in a bits axis)."""
+    kind = axis_type(values)
+    out: dict[str, Any] = {"title": {"text": title + (" (log scale)" if kind == "log" else "")}, "type": kind}
+    if kind == "log":
+        vals = [float(v) for v in values if not missing(v)]
+        out["tickvals"] = log_ticks(min(vals), max(vals))
+        out["ticktext"] = [fmt(v, 3) for v in out["tickvals"]]
+    return out
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-3-5 style tick values spanning [lo, hi] (at most ~10)."""
+    for mantissas in ((1, 1.5, 2, 3, 4, 5, 6, 8), (1, 2, 3, 5), (1, 2, 5), (1,)):
+        ticks = [m * 10.0**k for k in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                 for m in mantissas]
+        ticks = [t for t in ticks if lo / 1.15 <= t <= hi * 1.15]
+        if len(ticks) <= 10:
+            return ticks
+    return ticks
+
+
 # -- looks --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CellLook:

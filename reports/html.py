@@ -22,7 +22,7 @@ from markupsafe import Markup
 
 from harness.metrics.meaning import spec_for
 from harness.records import measurement_instance, record_corpus
-from harness.reports.common import (PALETTE, REFERENCE_MARKER, CellLook, Table, axis_type, cell_looks, esc, fmt, fmt_unc, int_or_none,
+from harness.reports.common import (PALETTE, REFERENCE_MARKER, CellLook, Table, axis_layout, cell_looks, esc, fmt, fmt_unc, int_or_none,
                                      missing, ok_metric, pareto_front, sort_key)
 from harness.reports.sections import LEAD_SECTIONS, build_sections
 from harness.reports.static_figures import write_static
@@ -192,12 +192,11 @@ def frontier_figure(df: pd.DataFrame, spec: QualitySpec, x_axis: XAxis, model: s
         # no annotation text: on a log axis plotly places annotations in log10 units (a label at 1e22)
         fig.add_hline(y=float(ref["value"].iloc[0]), line_dash="dash", line_color="gray")
     prefix = f"{esc(model)}: " if show_model else ""
-    x_type, y_type = axis_type(pts["x"]), axis_type(pts["value"])
     fig.update_layout(
         title=f"{prefix}{spec.title}{esc(_protocol_text(pts, spec))} vs {x_axis.title}",
-        xaxis={"title": {"text": x_axis.axis_label + (" (log scale)" if x_type == "log" else "")}, "type": x_type},
-        yaxis={"title": {"text": f"{spec.title} ({esc(spec.metric)}, {'lower' if spec.lower_is_better else 'higher'} is better)"
-                         + (" (log scale)" if y_type == "log" else "")}, "type": y_type},
+        xaxis=axis_layout(pts["x"], x_axis.axis_label),
+        yaxis=axis_layout(pts["value"], f"{spec.title} ({esc(spec.metric)}, "
+                                        f"{'lower' if spec.lower_is_better else 'higher'} is better)"),
         template=TEMPLATE_NAME, legend_title_text="cell (backend:variant)", margin={"t": 60},
     )
     return fig

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 
 from harness.metrics.meaning import spec_for
 from harness.records import instance_label, measurement_instance
-from harness.reports.common import REFERENCE_MARKER, axis_type, cell_looks, pareto_front
+from harness.reports.common import REFERENCE_MARKER, axis_layout, cell_looks, pareto_front
 from harness.reports.sections import Section
 
 # (metric names tried in order, menu label, axis title, scale, lower is better)
@@ -55,6 +55,13 @@ def _y_metrics(ok: pd.DataFrame) -> list[tuple[str, str, str | None]]:
         keys = sorted(g["instance"].unique())
         out += [(meas, metric, key) for key in (keys if len(keys) > 1 else [None])]
     return out
+
+
+def _axis_args(name: str, axis: dict) -> dict:
+    """A menu button's relayout of one axis: title, type and ticks (cleared when linear)."""
+    return {f"{name}.title.text": axis["title"]["text"], f"{name}.type": axis["type"],
+            f"{name}.tickvals": axis.get("tickvals"), f"{name}.ticktext": axis.get("ticktext"),
+            f"{name}.tickmode": "array" if "tickvals" in axis else "auto"}
 
 
 def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
@@ -115,8 +122,8 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
         masks.append((start, n))
         unit = next((str(u) for u in pts["unit"] if isinstance(u, str) and u), "")
         ytitle = f"{meas}/{metric}" + (f" ({unit})" if unit else "") + (", lower is better" if y_lower else ", higher is better")
-        buttons.append({"label": f"{metric_label} vs {xlabel}", "ytitle": html.escape(ytitle), "xtitle": xtitle,
-                        "xtype": axis_type(pts["x"]), "ytype": axis_type(pts["value"])})
+        buttons.append({"label": f"{metric_label} vs {xlabel}", "xaxis": axis_layout(pts["x"], xtitle),
+                        "yaxis": axis_layout(pts["value"], html.escape(ytitle))})
     if len(buttons) < 2:
         return None
     total = len(fig.data)
@@ -124,15 +131,13 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
     for (start, n), b in zip(masks, buttons):
         visible = [start <= i < start + n for i in range(total)]
         menu.append({"label": html.escape(b["label"]), "method": "update",
-                     "args": [{"visible": visible}, {"xaxis.title.text": b["xtitle"], "yaxis.title.text": b["ytitle"],
-                                                     "xaxis.type": b["xtype"], "yaxis.type": b["ytype"],
+                     "args": [{"visible": visible}, {**_axis_args("xaxis", b["xaxis"]), **_axis_args("yaxis", b["yaxis"]),
                                                      "title.text": f"{html.escape(model)}: {html.escape(b['label'])}"}]})
     for i, trace in enumerate(fig.data):
         trace.visible = i < masks[0][0] + masks[0][1]
     fig.update_layout(
         title=f"{html.escape(model)}: {html.escape(buttons[0]['label'])}", template="plotly_white",
-        xaxis={"title": {"text": buttons[0]["xtitle"]}, "type": buttons[0]["xtype"]},
-        yaxis={"title": {"text": buttons[0]["ytitle"]}, "type": buttons[0]["ytype"]}, legend_title_text="cell (backend:variant)",
+        xaxis=buttons[0]["xaxis"], yaxis=buttons[0]["yaxis"], legend_title_text="backend (points labelled by variant)",
         updatemenus=[{"buttons": menu, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.18, "yanchor": "top",
                       "showactive": True}],
         margin={"t": 90},

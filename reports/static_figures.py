@@ -62,13 +62,17 @@ def write_static(figures: list, run_dir: Path, formats: tuple[str, ...]) -> Stat
     out = Path(run_dir) / FIGURES_DIR
     out.mkdir(parents=True, exist_ok=True)
     figs, paths = [], []
+    heights = []
     for i, fig in enumerate(figures):
         title = fig.layout.title.text if fig.layout.title and fig.layout.title.text else ""
+        # a static legend cannot scroll: make room for every entry
+        entries = sum(1 for t in fig.data if t.showlegend is not False and t.visible is not False)
         for fmt in formats:
             figs.append(fig)
             paths.append(out / f"{_slug(title, i)}.{fmt}")
+            heights.append(max(560, 200 + 26 * entries))
     try:
-        pio.write_images(figs, paths, width=1100, height=560)
+        pio.write_images(figs, paths, width=1100, height=heights)
     except Exception as exc:  # noqa: BLE001 - a browser that will not start costs the copies, not the report
         return StaticResult(note=f"static figures not written: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     return StaticResult(paths, f"static copies of the {len(figures)} figures: {FIGURES_DIR}/*.{{{','.join(formats)}}}")
