@@ -64,6 +64,29 @@ def _axis_args(name: str, axis: dict) -> dict:
             f"{name}.tickmode": "array" if "tickvals" in axis else "auto"}
 
 
+def _add_points(fig: go.Figure, pts: pd.DataFrame, looks: dict, metric: str, xlabel: str) -> None:
+    """One trace per backend (per-point symbols and labels: the menu holds every pair, so a trace per
+    cell would multiply the page's JSON by the number of cells), the reference as a gold star."""
+    hover = f"<b>%{{text}}</b><br>{html.escape(metric)}: %{{y:.4g}}<br>{html.escape(xlabel)}: %{{x:.4g}}<extra></extra>"
+    for backend, g in pts[~pts["is_reference"].astype(bool)].groupby("backend", sort=True):
+        g = g.sort_values("variant")
+        gl = [looks.get(c) for c in g["cell_id"]]
+        fig.add_trace(go.Scatter(
+            x=g["x"], y=g["value"], mode="markers+text", name=html.escape(str(backend)),
+            text=[html.escape(str(v)) for v in g["variant"]], textposition="top center", textfont={"size": 10},
+            marker={"size": 10, "color": gl[0].color if gl[0] else None,
+                    "symbol": [lk.symbol if lk else "circle" for lk in gl]},
+            error_y={"type": "data", "array": [None if pd.isna(u) else float(u) for u in g["uncertainty"]],
+                     "visible": True, "thickness": 1},
+            hovertemplate=hover))
+    ref = pts[pts["is_reference"].astype(bool)]
+    if not ref.empty:
+        fig.add_trace(go.Scatter(
+            x=ref["x"], y=ref["value"], mode="markers+text", name="reference", marker=dict(REFERENCE_MARKER),
+            text=[html.escape(str(v)) for v in ref["variant"]], textposition="top center", textfont={"size": 10},
+            hovertemplate=hover))
+
+
 def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
     ok = df[(df["status"] == "ok") & df["value"].notna() & (df["model"] == model)]
     failed = set(df.loc[(df["model"] == model) & (df["status"] != "ok"), "cell_id"])
@@ -98,26 +121,7 @@ def explorer_figure(df: pd.DataFrame, model: str) -> go.Figure | None:
             fp = pts.iloc[front].sort_values("x")
             fig.add_trace(go.Scatter(x=fp["x"], y=fp["value"], mode="lines", name="Pareto front", hoverinfo="skip",
                                      line={"shape": "hv" if x_lower else "vh", "color": "rgba(80,80,80,0.6)", "width": 2}))
-        # one trace per backend (per-point symbols and labels): the menu holds every pair, so a trace
-        # per cell would multiply the page's JSON by the number of cells
-        hover = f"<b>%{{text}}</b><br>{html.escape(metric)}: %{{y:.4g}}<br>{html.escape(xlabel)}: %{{x:.4g}}<extra></extra>"
-        for backend, g in pts[~pts["is_reference"].astype(bool)].groupby("backend", sort=True):
-            g = g.sort_values("variant")
-            gl = [looks.get(c) for c in g["cell_id"]]
-            fig.add_trace(go.Scatter(
-                x=g["x"], y=g["value"], mode="markers+text", name=html.escape(str(backend)),
-                text=[html.escape(str(v)) for v in g["variant"]], textposition="top center", textfont={"size": 10},
-                marker={"size": 10, "color": gl[0].color if gl[0] else None,
-                        "symbol": [lk.symbol if lk else "circle" for lk in gl]},
-                error_y={"type": "data", "array": [None if pd.isna(u) else float(u) for u in g["uncertainty"]],
-                         "visible": True, "thickness": 1},
-                hovertemplate=hover))
-        ref = pts[pts["is_reference"].astype(bool)]
-        if not ref.empty:
-            fig.add_trace(go.Scatter(
-                x=ref["x"], y=ref["value"], mode="markers+text", name="reference", marker=dict(REFERENCE_MARKER),
-                text=[html.escape(str(v)) for v in ref["variant"]], textposition="top center", textfont={"size": 10},
-                hovertemplate=hover))
+        _add_points(fig, pts, looks, metric, xlabel)
         n = len(fig.data) - start
         masks.append((start, n))
         unit = next((str(u) for u in pts["unit"] if isinstance(u, str) and u), "")
