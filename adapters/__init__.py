@@ -27,6 +27,12 @@ BACKENDS: Registry = Registry(
         "tensorrt": "harness.adapters.tensorrt:TensorRTAdapter",
         "modelopt": "harness.adapters.modelopt_backend:ModelOptAdapter",
         "onnxruntime": "harness.adapters.onnxruntime_backend:OnnxRuntimeAdapter",
+        "torch-static": "harness.adapters.torch_static:TorchStaticAdapter",
+        "torch-qat": "harness.adapters.torch_qat:TorchQATAdapter",
+        "pt2e": "harness.adapters.pt2e:PT2EAdapter",
+        "onnxruntime-vision": "harness.adapters.onnxruntime_vision:OrtVisionAdapter",
+        "executorch": "harness.adapters.executorch_backend:ExecuTorchAdapter",
+        "litert": "harness.adapters.litert_backend:LiteRTAdapter",
     },
 )
 

@@ -25,7 +25,7 @@ class FloatAdapter(Adapter):
     name: ClassVar[str] = "fp"
     description: ClassVar[str] = "unquantized float baseline (fp32 / bf16 / fp16)"
     Variant: ClassVar[type[VariantConfig]] = FloatVariant
-    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder")
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder", "vision")
 
     def quantize(
         self,
@@ -37,4 +37,6 @@ class FloatAdapter(Adapter):
         assert isinstance(variant, FloatVariant)
         dtype = getattr(torch, variant.dtype)
         model = model.to(device=device, dtype=dtype)
-        return QuantizedModel(model, torch.device(device), info={"kernel": "torch F.linear", "dtype": variant.dtype})
+        from harness.adapters.vision_model import as_vision_model
+
+        return as_vision_model(QuantizedModel(model, torch.device(device), info={"kernel": "torch F.linear", "dtype": variant.dtype}))

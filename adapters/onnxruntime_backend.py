@@ -142,7 +142,7 @@ def export_encoder(model: torch.nn.Module, tokenizer: Any) -> tuple[Path, dict[s
 
 # --- bytes ------------------------------------------------------------------------------------
 
-def _tensors(model: Any) -> dict[str, Any]:
+def graph_tensors(model: Any) -> dict[str, Any]:
     """name -> numpy array of every initializer and Constant node value in the graph."""
     from onnx import numpy_helper
 
@@ -160,7 +160,7 @@ def matmul_weights(path: Path) -> dict[str, int]:
     import onnx
 
     model = onnx.load(str(path))
-    tensors = _tensors(model)
+    tensors = graph_tensors(model)
     return {name: int(tensors[name].size) for node in model.graph.node if node.op_type in ("MatMul", "Gemm")
             for name in node.input if name in tensors and tensors[name].ndim == 2}
 
@@ -170,10 +170,13 @@ def onnx_bytes(path: Path, weights: dict[str, int]) -> dict[str, Any]:
     weights (quantized codes + scales + zero points under ORT's names, or the float tensor)."""
     import onnx
 
-    tensors = _tensors(onnx.load(str(path)))
+    tensors = graph_tensors(onnx.load(str(path)))
     linear = 0
     for name in weights:
-        stored = [name] if name in tensors else [f"{name}{s}" for s in ("_quantized", "_scale", "_zero_point")]
+        # ORT names a quantized weight W_quantized / W_scale / W_zero_point; a Gemm weight that it
+        # turned into a MatMul first (quantize_dynamic of a vision model's head) is W_Transposed_...
+        stem = next((s for s in (name, f"{name}_Transposed") if f"{s}_quantized" in tensors), name)
+        stored = [name] if name in tensors else [f"{stem}{s}" for s in ("_quantized", "_scale", "_zero_point")]
         linear += sum(int(tensors[n].nbytes) for n in stored if n in tensors)
     dtypes: dict[str, int] = {}
     for array in tensors.values():
@@ -245,7 +248,7 @@ class OrtEncoderModel(QuantizedModel):
 
 
 @contextmanager
-def _library_chatter_to_log():
+def library_chatter_to_log():
     """The quantizer prints calibration progress to stdout (the worker's progress channel) and
     logs a warning per tensor it skips on the root logger: send prints to the log, keep errors."""
     import logging
@@ -261,7 +264,7 @@ def _library_chatter_to_log():
         root.setLevel(level)
 
 
-def _workdir() -> Path:
+def workdir() -> Path:
     """A per-process folder for quantized files, removed when the worker exits."""
     path = Path(tempfile.mkdtemp(prefix="qharness-ort-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
@@ -301,7 +304,7 @@ class OnnxRuntimeAdapter(Adapter):
         info: dict[str, Any] = {"export": export_info, "mode": variant.mode}
         path = fp32
         if variant.mode != "fp32":
-            path = _workdir() / "model.int8.onnx"
+            path = workdir() / "model.int8.onnx"
             self._quantize(fp32, path, variant, calibration, tokenizer, export_info["inputs"], info)
         counted = onnx_bytes(path, matmul_weights(fp32))
         info.update(file_bytes=counted["file"], bytes_by_dtype=counted["by_dtype"],
@@ -320,7 +323,7 @@ class OnnxRuntimeAdapter(Adapter):
                       weight_type=types[variant.weight_type],
                       op_types_to_quantize=list(variant.op_types) if variant.op_types is not None else None)
         if variant.mode == "dynamic":
-            with _library_chatter_to_log():
+            with library_chatter_to_log():
                 quantize_dynamic(str(src), str(dst), **common)
             info["quantizer"] = "onnxruntime.quantization.quantize_dynamic"
             return
@@ -329,7 +332,7 @@ class OnnxRuntimeAdapter(Adapter):
         methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                    "percentile": CalibrationMethod.Percentile}
         formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
-        with _library_chatter_to_log():
+        with library_chatter_to_log():
             quantize_static(str(src), str(dst), calibration_reader(calibration, tokenizer, inputs),
                             quant_format=formats[variant.quant_format], activation_type=types[variant.activation_type],
                             calibrate_method=methods[variant.calibration_method], **common)

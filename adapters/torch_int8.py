@@ -106,7 +106,7 @@ class TorchDynamicInt8Adapter(Adapter):
     name: ClassVar[str] = "torch-int8"
     description: ClassVar[str] = "PyTorch native dynamic INT8 (torch.ao quantize_dynamic on Linear)"
     Variant: ClassVar[type[VariantConfig]] = TorchInt8Variant
-    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder")
+    tasks: ClassVar[tuple[str, ...]] = ("causal-lm", "encoder", "vision")  # vision: only its Linear head is quantized
 
     def availability(self, device: str = "cpu") -> Availability:
         if torch.device(device).type != "cpu":
@@ -138,9 +138,12 @@ class TorchDynamicInt8Adapter(Adapter):
         cls = _dynamic_linear_type()
         n = sum(isinstance(m, cls) for m in model.modules())
         engine = torch.backends.quantized.engine
-        return DynamicInt8Model(model, device, info={
+        from harness.adapters.vision_model import as_vision_model
+
+        return as_vision_model(DynamicInt8Model(model, device, info={
             "kernel": f"torch.ao dynamic quantized Linear ({engine})",
             "engine": engine,
             "granularity": variant.granularity,
             "quantized_layers": n,
-        })
+            "scheme": "dynamic INT8 (Linear layers only)",
+        }))

@@ -56,7 +56,7 @@ class ModelSource:
     kind: str  # "builtin" | "tiny" | "local" | "hub"
     note: str = ""
     meta: dict = field(default_factory=dict, hash=False, compare=False)
-    task: str = "causal-lm"  # or "encoder" (harness.encoders): which adapters and measurements apply
+    task: str = "causal-lm"  # or "encoder" (harness.encoders), "vision" (harness.vision): which adapters and measurements apply
 
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path, "kind": self.kind, "note": self.note, "task": self.task, **self.meta}
@@ -169,8 +169,15 @@ def _encoder(name: str):
     return resolve
 
 
+def _digits_cnn(prepare: bool) -> ModelSource:
+    """The vision model (harness.vision): trained on first use (seconds), cached by its recipe."""
+    from harness.vision import builtin_digits_cnn
+
+    return builtin_digits_cnn(prepare)
+
+
 BUILTINS = {"builtin:smollm2-135m": _builtin_smollm2, "builtin:minilm-l6-v2": _encoder("builtin:minilm-l6-v2"),
-            "tiny:bert": _encoder("tiny:bert")}
+            "tiny:bert": _encoder("tiny:bert"), "builtin:digits-cnn": _digits_cnn}
 
 
 def model_names() -> list[str]:
@@ -253,6 +260,10 @@ def load_model(source: ModelSource, dtype=None):
         from harness.encoders import load_encoder
 
         return load_encoder(source, dtype)
+    if source.task == "vision":
+        from harness.vision import load_vision
+
+        return load_vision(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype or torch.float32)
     except OSError as exc:
@@ -274,6 +285,10 @@ def model_shapes(source: ModelSource):
         from harness.encoders import encoder_shapes
 
         return encoder_shapes(source)
+    if source.task == "vision":
+        from harness.vision import vision_shapes
+
+        return vision_shapes(source)
     try:
         config = AutoConfig.from_pretrained(source.path)
     except OSError as exc:

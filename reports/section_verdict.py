@@ -68,6 +68,7 @@ class Verdict:
     budgets: list[tuple[float, Score, list[Score], int]] = field(default_factory=list)  # budget, best, ties, pool size
     pareto: list[Score] = field(default_factory=list)
     speed_metric: str | None = None
+    speed_unit: str = ""
     speed_pareto: list[Score] = field(default_factory=list)
     reference_label: str | None = None  # the reference cell, also when it has no value of the metric (KLD)
 
@@ -174,7 +175,8 @@ def verdicts(df: pd.DataFrame) -> list[Verdict]:
         if len(cands) < 2:
             continue
         v = Verdict(str(model), profile, choice, next((s for s in scores if s.cell_id in refs), None),
-                    _budgets(cands, choice), speed_metric=speed_metric)
+                    _budgets(cands, choice), speed_metric=speed_metric,
+                    speed_unit=next((str(u) for u in g.loc[g["metric"] == speed_metric, "unit"] if u), ""))
         lower = choice.spec.direction < 0
         v.pareto = [cands[i] for i in pareto_front([(s.bits, s.value) for s in cands], lower)]
         timed = [s for s in cands if s.speed is not None]
@@ -220,7 +222,8 @@ def _sentences(v: Verdict) -> list[str]:
            f"Pareto cells, bits per weight vs {v.choice.metric}: " + "; ".join(s.text() for s in v.pareto) + "."]
     if v.speed_pareto:
         out.append(f"Pareto cells, {v.speed_metric} vs {v.choice.metric}: "
-                   + "; ".join(f"{s.label} ({fmt(s.speed)} tokens/s, {fmt_unc(s.value, s.uncertainty)})" for s in v.speed_pareto) + ".")
+                   + "; ".join(f"{s.label} ({fmt(s.speed)} {v.speed_unit}, {fmt_unc(s.value, s.uncertainty)})".replace(" ,", ",")
+                               for s in v.speed_pareto) + ".")
     return out
 
 

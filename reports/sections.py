@@ -29,6 +29,7 @@ SECTIONS: dict[str, str] = {
     "levers": "harness.reports.section_levers:build",
     "roofline": "harness.reports.section_roofline:build",
     "encoders": "harness.reports.section_encoders:build",
+    "vision": "harness.reports.section_vision:build",
 }
 
 

@@ -18,6 +18,9 @@ MEASUREMENTS: Registry = Registry(
         "sensitivity": "harness.metrics.sensitivity:Sensitivity",
         "embedding": "harness.metrics.embedding:EmbeddingQuality",
         "encoder-speed": "harness.metrics.encoder_speed:EncoderSpeed",
+        "classification": "harness.metrics.classification:Classification",
+        "vision-speed": "harness.metrics.vision_speed:VisionSpeed",
+        "model-size": "harness.metrics.model_size:ModelSize",
         # performance (harness.perf): no trained weights needed, so they also run on shape: models
         "ceilings": "harness.perf.measurements:Ceilings",
         "speed": "harness.perf.measurements:Speed",
