@@ -54,6 +54,15 @@ class Availability:
         return cls(True)
 
 
+def all_available(modules: tuple[tuple[str, str], ...], extra: str | None = None) -> Availability:
+    """The first (module, package) that does not import, or available: for backends that need several."""
+    for module, package in modules:
+        found = Availability.of_import(module, package, extra)
+        if not found.ok:
+            return found
+    return Availability(True)
+
+
 @dataclass(frozen=True)
 class LinearShape:
     name: str

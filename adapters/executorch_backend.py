@@ -30,11 +30,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig,
+                                   all_available)
+from harness.adapters.vision_model import require_vision
 from harness.adapters.pt2e import PT2E_MODULE, count_converted
 from harness.adapters.torch_static import calibrate, check_calibration_size
 from harness.adapters.vision_model import VisionModel
-from harness.errors import HarnessError
 
 QUANTIZER_MODULE = "executorch.backends.xnnpack.quantizer.xnnpack_quantizer"
 PARTITIONER_MODULE = "executorch.backends.xnnpack.partition.xnnpack_partitioner"
@@ -94,12 +95,8 @@ class ExecuTorchAdapter(Adapter):
     def availability(self, device: str = "cpu") -> Availability:
         if torch.device(device).type != "cpu":
             return Availability(False, "ExecuTorch's XNNPACK delegate runs on the CPU")
-        for module, package in (("executorch.runtime", "executorch"), (QUANTIZER_MODULE, "executorch"),
-                                (PT2E_MODULE, "torchao")):
-            found = Availability.of_import(module, package, self.extra)
-            if not found.ok:
-                return found
-        return Availability(True)
+        return all_available((("executorch.runtime", "executorch"), (QUANTIZER_MODULE, "executorch"),
+                              (PT2E_MODULE, "torchao")), self.extra)
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         check_calibration_size(self.name, variant.calibration_images, shapes)
@@ -115,8 +112,7 @@ class ExecuTorchAdapter(Adapter):
         from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, ExecuTorchVariant)
-        if getattr(getattr(model, "qharness_source", None), "task", None) != "vision":
-            raise HarnessError("executorch: only vision models are wired here (e.g. builtin:digits-cnn)")
+        require_vision(model, "executorch")
         example = example_input(MAX_BATCH)
         model = model.float().eval()
         info: dict[str, Any] = {"mode": variant.mode, "kernel": "ExecuTorch runtime, XNNPACK delegate",

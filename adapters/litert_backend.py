@@ -46,9 +46,9 @@ import torch
 from pydantic import Field
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.vision_model import require_vision
 from harness.adapters.torch_static import calibrate, check_calibration_size
 from harness.adapters.vision_model import VisionModel
-from harness.errors import HarnessError
 
 UNAVAILABLE = ("litert-torch is not installed, and cannot be beside the pinned stack: pip: 'xdsl 0.28.0 depends on "
                "typing-extensions<4.13 and >=4.7' (litert-torch 0.10.0 -> litert-converter 0.5.0 -> xdsl) vs "
@@ -168,8 +168,7 @@ class LiteRTAdapter(Adapter):
         from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, LiteRTVariant)
-        if getattr(getattr(model, "qharness_source", None), "task", None) != "vision":
-            raise HarnessError("litert: only vision models are wired here (e.g. builtin:digits-cnn)")
+        require_vision(model, "litert")
         model = model.float().eval()
         info: dict[str, Any] = {"mode": variant.mode, "kernel": "LiteRT interpreter (XNNPACK CPU delegate)",
                                 "scheme": "static INT8 (PTQ, pt2e)" if variant.mode == "int8" else "float",

@@ -32,11 +32,12 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
-from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig,
+                                   all_available)
+from harness.adapters.vision_model import require_vision
 from harness.adapters.onnxruntime_backend import OrtVariant, graph_tensors, library_chatter_to_log, onnx_bytes, workdir
 from harness.adapters.torch_static import check_calibration_size
 from harness.adapters.vision_model import VisionModel
-from harness.errors import HarnessError
 
 EXPORT_FORMAT = 1  # bump when the cached export changes
 INPUT = "images"
@@ -152,11 +153,8 @@ class OrtVisionAdapter(Adapter):
     def availability(self, device: str = "cpu") -> Availability:
         if torch.device(device).type != "cpu":
             return Availability(False, "this adapter runs ONNX Runtime's CPU execution provider only")
-        for module, package in (("onnxruntime.quantization", "onnxruntime"), ("onnx", "onnx"), ("onnxscript", "onnxscript")):
-            found = Availability.of_import(module, package, self.extra)
-            if not found.ok:
-                return found
-        return Availability(True)
+        return all_available((("onnxruntime.quantization", "onnxruntime"), ("onnx", "onnx"), ("onnxscript", "onnxscript")),
+                             self.extra)
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         check_calibration_size(self.name, variant.calibration_images, shapes)
@@ -165,9 +163,7 @@ class OrtVisionAdapter(Adapter):
                  device: torch.device) -> QuantizedModel:
 
         assert isinstance(variant, OrtVisionVariant)
-        if getattr(getattr(model, "qharness_source", None), "task", None) != "vision":
-            raise HarnessError("onnxruntime-vision: only vision models (e.g. builtin:digits-cnn); "
-                               "sentence encoders run on the onnxruntime adapter")
+        require_vision(model, "onnxruntime-vision", "; sentence encoders run on the onnxruntime adapter")
         fp32 = export_vision(model)
         scheme = {"fp32": "float", "static": "static INT8 (PTQ)", "dynamic": "dynamic INT8"}[variant.mode]
         info: dict[str, Any] = {"export": json.loads((fp32.parent / "export.json").read_text()), "mode": variant.mode,

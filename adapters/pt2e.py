@@ -32,10 +32,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig,
+                                   all_available)
+from harness.adapters.vision_model import require_vision
 from harness.adapters.torch_static import calibrate, check_calibration_size
 from harness.adapters.vision_model import VisionModel, stored_tensor_bytes
-from harness.errors import HarnessError
 
 PT2E_MODULE = "torchao.quantization.pt2e.quantize_pt2e"
 QUANTIZER_MODULE = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
@@ -152,11 +153,7 @@ class PT2EAdapter(Adapter):
     def availability(self, device: str = "cpu") -> Availability:
         if torch.device(device).type != "cpu":
             return Availability(False, "X86InductorQuantizer targets x86 CPUs")
-        for module in (PT2E_MODULE, QUANTIZER_MODULE):
-            found = Availability.of_import(module, "torchao", self.extra)
-            if not found.ok:
-                return found
-        return Availability(True)
+        return all_available(((PT2E_MODULE, "torchao"), (QUANTIZER_MODULE, "torchao")), self.extra)
 
     def check(self, variant: VariantConfig, shapes: ModelShapes, device: str) -> None:
         check_calibration_size(self.name, variant.calibration_images, shapes)
@@ -168,8 +165,7 @@ class PT2EAdapter(Adapter):
         from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, PT2EVariant)
-        if getattr(getattr(model, "qharness_source", None), "task", None) != "vision":
-            raise HarnessError("pt2e: only vision models are wired here (e.g. builtin:digits-cnn)")
+        require_vision(model, "pt2e")
         pt2e, xiq = importlib.import_module(PT2E_MODULE), importlib.import_module(QUANTIZER_MODULE)
         example = example_input(EXPORT_BATCH)
         images = calibration_images(model, variant.calibration_images)

@@ -153,6 +153,13 @@ def torch_save_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def require_vision(model: torch.nn.Module, backend: str, hint: str = "") -> None:
+    """One line when a vision-only backend is handed another kind of model (the planner refuses it
+    first by the adapter's `tasks`; this guards direct calls)."""
+    if getattr(getattr(model, "qharness_source", None), "task", None) != "vision":
+        raise HarnessError(f"{backend}: only vision models are wired here (e.g. builtin:digits-cnn){hint}")
+
+
 def as_vision_model(qmodel: QuantizedModel) -> QuantizedModel:
     """The same model as a VisionModel when it is an image classifier (adapters shared with other
     kinds, e.g. fp and torch-int8, call this), else unchanged."""

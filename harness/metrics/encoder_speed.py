@@ -12,11 +12,11 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
 from pydantic import Field, field_validator
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
+from harness.perf.timing import half_iqr
 
 PROTOCOL = "encoder-cpu-latency: warm-up, then per-repeat wall clock of embed() on a pre-tokenized batch"
 
@@ -32,11 +32,6 @@ class EncoderSpeedParams(MeasurementParams):
         if not value or any(b < 1 for b in value):
             raise ValueError("batch sizes must be positive integers")
         return value
-
-
-def _half_iqr(values: list[float]) -> float:
-    q75, q25 = np.percentile(values, [75, 25])
-    return float(q75 - q25) / 2
 
 
 class EncoderSpeed(Measurement):
@@ -69,10 +64,10 @@ class EncoderSpeed(Measurement):
             rates = [bs / s for s in seconds]
             out += [
                 MetricValue(f"latency_b{bs}", statistics.median(seconds), "s", n=len(seconds),
-                            uncertainty=_half_iqr(seconds), uncertainty_kind="IQR/2 over repeats", protocol=PROTOCOL,
+                            uncertainty=half_iqr(seconds), uncertainty_kind="IQR/2 over repeats", protocol=PROTOCOL,
                             params={**detail, "samples_s": seconds}),
                 MetricValue(f"throughput_b{bs}", statistics.median(rates), "sentences/s", n=len(seconds),
-                            uncertainty=_half_iqr(rates), uncertainty_kind="IQR/2 over repeats", protocol=PROTOCOL,
+                            uncertainty=half_iqr(rates), uncertainty_kind="IQR/2 over repeats", protocol=PROTOCOL,
                             params=detail),
             ]
         return out

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
+from harness.perf.timing import half_iqr
 
 PROTOCOL = "vision-cpu-latency: warm-up, then per-repeat wall clock of classify() on a pre-built batch of test images"
 
@@ -33,11 +34,6 @@ class VisionSpeedParams(MeasurementParams):
         if not value or any(b < 1 for b in value):
             raise ValueError("batch sizes must be positive integers")
         return value
-
-
-def _half_iqr(values: list[float]) -> float:
-    q75, q25 = np.percentile(values, [75, 25])
-    return float(q75 - q25) / 2
 
 
 def time_calls(fn, warmup: int, repeats: int) -> list[float]:
@@ -79,14 +75,14 @@ class VisionSpeed(Measurement):
             detail = {"batch_size": bs, "warmup": params.warmup, "repeats": params.repeats,
                       "threads": torch.get_num_threads()}
             rates = [bs / s for s in seconds]
-            spread = {"uncertainty": _half_iqr(seconds), "uncertainty_kind": "IQR/2 over repeats"}
+            spread = {"uncertainty": half_iqr(seconds), "uncertainty_kind": "IQR/2 over repeats"}
             out += [
                 MetricValue(f"latency_p50_b{bs}", statistics.median(seconds), "s", n=len(seconds), protocol=PROTOCOL,
                             params={**detail, "samples_s": seconds}, **spread),
                 MetricValue(f"latency_p90_b{bs}", float(np.percentile(seconds, 90)), "s", n=len(seconds),
                             protocol=PROTOCOL, params=detail),
                 MetricValue(f"throughput_b{bs}", statistics.median(rates), "images/s", n=len(seconds),
-                            uncertainty=_half_iqr(rates), uncertainty_kind="IQR/2 over repeats", protocol=PROTOCOL,
+                            uncertainty=half_iqr(rates), uncertainty_kind="IQR/2 over repeats", protocol=PROTOCOL,
                             params=detail),
             ]
         return out

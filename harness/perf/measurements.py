@@ -18,7 +18,7 @@ from pydantic import Field
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
-from harness.perf.timing import UNCERTAINTY_KIND, percentile
+from harness.perf.timing import UNCERTAINTY_KIND, half_iqr, percentile
 
 CEILINGS_FILE = "ceilings-{device}.json"  # in the run's cells/ folder: measured once per run and device
 
@@ -102,10 +102,6 @@ class SpeedParams(MeasurementParams):
     lean_inductor: dict = Field(default_factory=lambda: {"coordinate_descent_tuning": True},
                                 description="inductor config for the lean mode's compile")
     quick_probes: bool = False
-
-
-def _half_iqr(xs: list[float]) -> float:
-    return (percentile(xs, 75) - percentile(xs, 25)) / 2
 
 
 def _roofline(ctx: CellContext, ceilings: dict[str, dict]):
@@ -228,11 +224,11 @@ class Speed(Measurement):
         unc = dict(uncertainty_kind=UNCERTAINTY_KIND, protocol=protocol)
         values = [
             MetricValue(f"decode_tokens_s@{tag}", statistics.median(rates), "tokens/s", n=len(rates),
-                        uncertainty=_half_iqr(rates), params=detail, **unc),
-            MetricValue(f"tpot_s@{tag}", step_s, "s", n=len(tpot), uncertainty=_half_iqr(tpot),
+                        uncertainty=half_iqr(rates), params=detail, **unc),
+            MetricValue(f"tpot_s@{tag}", step_s, "s", n=len(tpot), uncertainty=half_iqr(tpot),
                         params={"p50": step_s, "p90": percentile(tpot, 90), "p99": percentile(tpot, 99), "mode": mode,
                                 "batch": batch, "context": context}, **{**unc, "uncertainty_kind": "IQR/2 over decode steps"}),
-            MetricValue(f"ttft_s@{tag}", statistics.median(ttft), "s", n=len(ttft), uncertainty=_half_iqr(ttft),
+            MetricValue(f"ttft_s@{tag}", statistics.median(ttft), "s", n=len(ttft), uncertainty=half_iqr(ttft),
                         params={"p50": statistics.median(ttft), "p90": percentile(ttft, 90), "p99": percentile(ttft, 99),
                                 "mode": mode, "batch": batch, "context": context, "samples_s": ttft}, **unc),
         ]
@@ -251,7 +247,7 @@ class Speed(Measurement):
             layers = layer_table(dims, batch, mid_context, params.prompt_lengths[0] if params.prompt_lengths else context,
                                  peak, bandwidth, kw)
             values.append(MetricValue(f"decode_tokens_s{suffix}", statistics.median(rates), "tokens/s", n=len(rates),
-                                      uncertainty=_half_iqr(rates), params={**detail, "layers": layers}, **unc))
+                                      uncertainty=half_iqr(rates), params={**detail, "layers": layers}, **unc))
             values.append(MetricValue(f"bandwidth_utilisation{suffix}", detail["bandwidth_utilisation"], "fraction",
                                       n=len(tpot), protocol="bytes that had to move per decode step / median step time / "
                                       "measured copy bandwidth", params={"tag": tag}))

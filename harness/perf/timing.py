@@ -60,6 +60,11 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def half_iqr(values: list[float]) -> float:
+    """Half the interquartile range (linear percentiles): the spread every timing is reported with."""
+    return (percentile(values, 75) - percentile(values, 25)) / 2 if values else float("nan")
+
+
 @dataclass
 class Samples:
     """Per-repeat seconds (warm-up excluded) and their summary."""
@@ -77,7 +82,7 @@ class Samples:
 
     @property
     def half_iqr(self) -> float:
-        return (percentile(self.seconds, 75) - percentile(self.seconds, 25)) / 2 if self.seconds else float("nan")
+        return half_iqr(self.seconds)
 
     def p(self, q: float) -> float:
         return percentile(self.seconds, q)
@@ -87,7 +92,7 @@ class Samples:
         rates = [work / s for s in self.seconds if s > 0]
         if not rates:
             return float("nan"), float("nan")
-        return statistics.median(rates), (percentile(rates, 75) - percentile(rates, 25)) / 2
+        return statistics.median(rates), half_iqr(rates)
 
 
 def repeat(fn: Callable[[], object], device: str = "cpu", warmup: int = 1, repeats: int = 5,
