@@ -94,12 +94,14 @@ SUMMARY_METRICS = {
     "bits_per_weight": ("bits/w", lambda v, u: f"{v:.3g}"),
     "weight_bytes": ("MB", lambda v, u: f"{v / 1e6:,.1f}"),
     "ppl": ("ppl", _fmt),
+    "accuracy": ("acc %", lambda v, u: f"{100 * v:.2f}" + (f"±{100 * u:.2g}" if u is not None else "")),  # vision
 }
 NARROW = {"model": 20, "cell": 24, "status": 34}  # widest a log gives these; the numbers are never cut
 
 
 def summary_table(run_dir, terminal: bool) -> Table:
-    """One row per cell: the cell, bits per weight, MB, perplexity, status (reason cut)."""
+    """One row per cell: the cell, bits per weight, MB, perplexity or accuracy, status (reason cut).
+    A metric column appears only when some cell has a value for it (a vision run has no perplexity)."""
     by_cell: dict[str, dict] = {}
     models = set()
     for r in run_dir.current_records():
@@ -111,14 +113,15 @@ def summary_table(run_dir, terminal: bool) -> Table:
             row[r.metric] = SUMMARY_METRICS[r.metric][1](r.value, r.uncertainty)
     many = len(models) > 1
     table = Table(title=f"run {run_dir.path}" + ("" if many or not models else f" ({next(iter(models))})"))
-    columns = (["model"] if many else []) + ["cell"] + [label for label, _ in SUMMARY_METRICS.values()] + ["status"]
+    shown = [m for m in SUMMARY_METRICS if any(m in row for row in by_cell.values())]
+    columns = (["model"] if many else []) + ["cell"] + [SUMMARY_METRICS[m][0] for m in shown] + ["status"]
     for col in columns:
         if terminal:  # a terminal may fold
             table.add_column(col, overflow="fold")
         else:  # a log keeps each row on one line
             table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=NARROW.get(col))
     for row in by_cell.values():
-        table.add_row(*([row["model"]] if many else []), row["cell"], *(row.get(m, "-") for m in SUMMARY_METRICS),
+        table.add_row(*([row["model"]] if many else []), row["cell"], *(row.get(m, "-") for m in shown),
                       row["status"])
     return table
 
