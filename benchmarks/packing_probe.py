@@ -1,0 +1,209 @@
+"""Does packing several documents into one row make rolling-window scoring faster on a GPU?
+
+Issue #16 asks for >= 3x lm-eval's HF backend; on BoolQ's short passages (~128 tokens) the plain
+forward+NLL loop over length-sorted, right-padded rows reached only 2.46x (engine-h200/). This
+probe times, on the same rows (lm-eval's rolling windows at seq_len 2048) and the same random-init
+7B shape in fp16, one forward + lm_head + logsumexp per batch of <= budget tokens (each layout at each budget given):
+
+- padded: rows sorted by length, right-padded, no mask (causal attention never reads the padding):
+  what the harness and the plain loop do today;
+- packed-sdpa: documents packed first-fit-decreasing into rows of <= seq_len tokens, position ids
+  restarting at each document, no attention mask: transformers (>= 5) then builds the
+  block-diagonal causal mask itself (masking_utils.find_packed_sequence_indices); SDPA runs it
+  with a dense mask;
+- packed-flex: the same rows with `attn_implementation="flex_attention"`, whose block mask skips
+  the blocks outside each document;
+- concat: every token of the corpus in one stream cut into seq_len rows (a different protocol: the
+  documents see each other), the speed of full rows, for orientation only.
+
+The NLL sums of padded and packed rows must agree (fp16: 1e-3 relative on perplexity).
+Usage: here `python benchmarks/packing_probe.py make-rows --out rows.pt` (needs the harness and the
+embedded tokenizer); on the device `python benchmarks/packing_probe.py time --rows rows.pt`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = Path(__file__).resolve().parents[1] / "harness" / "perf" / "shapes"
+
+
+def make_rows(out: Path, corpus: str, seq_len: int) -> None:
+    from transformers import AutoTokenizer
+
+    from harness.data import load_texts
+    from harness.metrics.perplexity import rolling_windows
+    from harness.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m").path)
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    docs = load_texts(corpus, "eval")
+    rows = []
+    for d in docs:
+        ids = tok(d, add_special_tokens=False)["input_ids"]
+        for c, t in rolling_windows(ids, prefix, seq_len):
+            x = (c + t)[-(seq_len + 1):][:-1]
+            rows.append((torch.tensor(x, dtype=torch.int32), torch.tensor(t, dtype=torch.int32)))
+    torch.save({"rows": rows, "vocab": len(tok), "seq_len": seq_len, "corpus": corpus, "documents": len(docs)}, out)
+    print(f"{len(docs)} documents, {len(rows)} windows, {sum(len(t) for _, t in rows)} scored tokens -> {out}")
+
+
+def batches_padded(rows, budget):
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    start = 0
+    while start < len(order):
+        width = len(rows[order[start]][0])
+        batch = order[start: start + max(1, budget // width)]
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        tgt = torch.full((len(batch), width), -100, dtype=torch.long)
+        for b, i in enumerate(batch):
+            x, t = rows[i]
+            ids[b, : len(x)] = x
+            tgt[b, len(x) - len(t): len(x)] = t
+        yield ids, tgt, None
+        start += len(batch)
+
+
+def pack(rows, seq_len):
+    """First-fit decreasing: lists of row indices whose lengths sum to <= seq_len."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        n = len(rows[i][0])
+        for k, r in enumerate(room):
+            if r >= n:
+                bins[k].append(i)
+                room[k] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(seq_len - n)
+    return bins
+
+
+def batches_packed(rows, budget, seq_len):
+    bins = pack(rows, seq_len)
+    bins.sort(key=lambda b: -sum(len(rows[i][0]) for i in b))
+    per = max(1, budget // seq_len)
+    for s in range(0, len(bins), per):
+        group = bins[s: s + per]
+        width = max(sum(len(rows[i][0]) for i in b) for b in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        tgt = torch.full((len(group), width), -100, dtype=torch.long)
+        pos = torch.zeros(len(group), width, dtype=torch.long)
+        for r, b in enumerate(group):
+            at = 0
+            for i in b:
+                x, t = rows[i]
+                ids[r, at: at + len(x)] = x
+                tgt[r, at + len(x) - len(t): at + len(x)] = t
+                pos[r, at: at + len(x)] = torch.arange(len(x))
+                at += len(x)
+            pos[r, at:] = torch.arange(width - at)  # padding: its own "document", never scored
+        yield ids, tgt, pos
+
+
+def batches_concat(rows, budget, seq_len):
+    stream = torch.cat([x for x, _ in rows]).long()
+    n = stream.numel() // seq_len
+    full = stream[: n * seq_len].view(n, seq_len)
+    per = max(1, budget // seq_len)
+    for s in range(0, n, per):
+        ids = full[s: s + per]
+        tgt = torch.roll(ids, -1, 1)
+        tgt[:, -1] = -100
+        yield ids, tgt, None
+
+
+def score(model, batches, device):
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    scored = forward = 0
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for ids, tgt, pos in batches:
+            ids, tgt = ids.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+            kw = {"position_ids": pos.to(device)} if pos is not None else {}
+            hidden = model.model(input_ids=ids, use_cache=False, **kw).last_hidden_state
+            sel = (tgt.reshape(-1) >= 0).nonzero().squeeze(-1)
+            flat, targets = hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1)
+            for lo in range(0, sel.numel(), 4096):
+                s = sel[lo: lo + 4096]
+                logits = model.lm_head(flat.index_select(0, s)).float()
+                total += (torch.logsumexp(logits, -1) - logits.gather(-1, targets[s][:, None]).squeeze(-1)).sum(dtype=torch.float64)
+            scored += sel.numel()
+            forward += ids.numel()
+    sync()
+    return float(total), scored, forward, time.perf_counter() - t0
+
+
+def time_all(rows_file: Path, shape: str, repeats: int, which: list[str]) -> None:
+    """`which`: entries "layout@budget", e.g. "padded@65536"."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = torch.load(rows_file)
+    rows, seq_len = data["rows"], data["seq_len"]
+    spec = {k: v for k, v in json.loads((SHAPES / f"{shape}.json").read_text()).items() if not k.startswith("_")}
+    spec.pop("torch_dtype", None)
+    spec.update(vocab_size=data["vocab"], dtype="float16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**spec), dtype=torch.float16).eval()
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} | {shape} fp16 | {data['documents']} documents "
+          f"{len(rows)} windows seq_len {seq_len} | median of {repeats}", flush=True)
+    makers = {
+        "padded": lambda budget: batches_padded(rows, budget),
+        "packed-sdpa": lambda budget: batches_packed(rows, budget, seq_len),
+        "packed-flex": lambda budget: batches_packed(rows, budget, seq_len),
+        "concat": lambda budget: batches_concat(rows, budget, seq_len),
+    }
+    base = None
+    for entry in which:
+        layout, budget = entry.split("@")
+        name, budget = entry, int(budget)
+        model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")
+        try:
+            warm = next(iter(makers[layout](budget)))
+            score(model, [warm], "cuda")  # warm-up (and flex's compile)
+            runs = [score(model, makers[layout](budget), "cuda") for _ in range(repeats)]
+        except Exception as e:  # noqa: BLE001 - a probe: say what failed, go on
+            print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            continue
+        secs = sorted(r[3] for r in runs)
+        nll, scored, forward, _ = runs[0]
+        med = secs[len(secs) // 2]
+        ppl = math.exp(nll / scored)
+        agree = "" if base is None or layout == "concat" else f", ppl vs first {ppl / base - 1:+.2e}"
+        base = ppl if base is None else base
+        print(f"{name:18s} ppl {ppl:.4f}  scored {scored}  forward tokens {forward} ({scored / forward:.1%} useful)  "
+              f"{med:.2f} s (min {secs[0]:.2f}, max {secs[-1]:.2f}) = {scored / med:,.0f} scored tok/s{agree}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-rows")
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--corpus", default="boolq-wiki")
+    m.add_argument("--seq-len", type=int, default=2048)
+    t = sub.add_parser("time")
+    t.add_argument("--rows", type=Path, required=True)
+    t.add_argument("--shape", default="llama-2-7b")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--which", nargs="+", default=["padded@65536", "padded@16384", "packed-sdpa@65536",
+                                                  "packed-sdpa@16384", "packed-flex@65536", "concat@65536"])
+    a = ap.parse_args()
+    if a.cmd == "make-rows":
+        make_rows(a.out, a.corpus, a.seq_len)
+    else:
+        time_all(a.rows, a.shape, a.repeats, a.which)
+
+
+if __name__ == "__main__":
+    main()
