@@ -10,8 +10,9 @@ Checks that the perplexities agree (to 0.01%) and prints tokens per second of ea
 - harness: `python -m harness.cli run` on a suite with one fp cell and the perplexity measurement
   (protocol lm-eval, the same corpus and documents), timed as a user times the whole command, and
   its own record of the measurement's wall time;
-- ceiling: the same rows as the harness scores, sorted by length and packed by the same token
-  budget, forward + lm_head + logsumexp on the device in 512-position chunks (no host work).
+- ceiling: the same rows as the harness scores, sorted by length and batched as the harness
+  batches them (the same token budget, closed before 10% padding), forward + lm_head + logsumexp
+  on the device in 4096-position chunks, one host sync at the end.
 
     python benchmarks/scoring_vs_lmeval.py --shape llama-2-7b --tokenizer TOKDIR --device cuda
     python benchmarks/scoring_vs_lmeval.py --model ~/.cache/qharness/models/smollm2-135m-from-gguf-v1 --docs 60 --seq-len 512
@@ -119,9 +120,11 @@ def lm_eval_cli(model_dir: Path, docs: list[str], batch: int, device: str, work:
 
 
 def plain_loop(model_dir: Path, rows: list[tuple[list[int], list[int]]], budget: int, device: str) -> dict:
-    """The ceiling: packed rows, forward, lm_head and logsumexp on the device in 512-position
+    """The ceiling: batched rows, forward, lm_head and logsumexp on the device in 4096-position
     chunks of the scored positions, one host sync at the end, nothing else."""
     from transformers import AutoModelForCausalLM
+
+    from harness.metrics.scoring import MAX_PADDING
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -133,7 +136,12 @@ def plain_loop(model_dir: Path, rows: list[tuple[list[int], list[int]]], budget:
         start = 0
         while start < len(order):
             width = len(rows[order[start]][0])
-            batch = order[start : start + max(1, budget // width)]
+            end, real = start + 1, width  # close the batch at the budget or before 10% padding, as the harness does
+            while end < len(order) and (end - start + 1) * width <= budget and \
+                    (end - start + 1) * width - (real + len(rows[order[end]][0])) <= MAX_PADDING * (end - start + 1) * width:
+                real += len(rows[order[end]][0])
+                end += 1
+            batch = order[start:end]
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             tgt = torch.full((len(batch), width), -100, dtype=torch.long)
             for b, i in enumerate(batch):
@@ -144,8 +152,8 @@ def plain_loop(model_dir: Path, rows: list[tuple[list[int], list[int]]], budget:
             hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
             pos = (tgt.reshape(-1) >= 0).nonzero().squeeze(-1)
             flat, targets = hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1)
-            for lo in range(0, pos.numel(), 512):
-                sel = pos[lo : lo + 512]
+            for lo in range(0, pos.numel(), 4096):
+                sel = pos[lo : lo + 4096]
                 logits = model.lm_head(flat.index_select(0, sel)).float()
                 nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets[sel][:, None]).squeeze(-1)
                 total += nll.sum(dtype=torch.float64)

@@ -16,7 +16,7 @@ from harness.adapters.base import QuantizedModel
 from harness.errors import HarnessError
 from harness.metrics.divergence import token_divergence
 from harness.metrics.perplexity import token_nll
-from harness.metrics.scoring import HEAD_BYTES, ReferenceStore, Row, Scorer, row_key, window_row
+from harness.metrics.scoring import GPU_HEAD_BYTES, HEAD_BYTES, ReferenceStore, Row, Scorer, row_key, window_row
 
 CPU = torch.device("cpu")
 
@@ -164,8 +164,9 @@ def test_out_of_memory_halves_the_batch_and_keeps_results(tiny, monkeypatch) -> 
 
 
 def test_head_chunks_are_bounded() -> None:
-    # a 128k vocabulary: 128 positions a chunk = 64 MB of float32 logits
+    # a 128k vocabulary: 128 positions a chunk = 64 MB of float32 logits (CPU), 512 = 256 MB (GPU)
     assert max(1, HEAD_BYTES // (4 * 131072)) == 128
+    assert max(1, GPU_HEAD_BYTES // (4 * 131072)) == 512
 
 
 @pytest.mark.slow

@@ -7,9 +7,14 @@ perplexity window w is Row(w[:-1], w[1:]) (a llama.cpp chunk scores only its sec
 continuation c of a context x is Row((x + c)[:-1], c). Rows are sorted by length and packed into
 batches of at most `batch_tokens` padded tokens, closed early before padding passes 10% of a
 batch (right padding: a causal model's real positions never see it). Only the scored positions go through the output head, in chunks of at most
-`HEAD_BYTES` (64 MB) of float32 logits, so scoring needs at most ~256 MB beside the model's own
-activations whatever the vocabulary and context (a 128k vocabulary at 8k context would be 4 GB
-of float32 logits taken whole). Where the head cannot be split off
+`HEAD_BYTES` (64 MB) of float32 logits on a CPU, `GPU_HEAD_BYTES` (256 MB) on a GPU, so scoring
+needs at most ~256 MB (CPU) / ~1 GB (GPU) beside the model's own activations whatever the
+vocabulary and context (a 128k vocabulary at 8k context would be 4 GB of float32 logits taken
+whole). The per-position results of a batch stay on the device until the batch is done and
+cross to the host in one transfer: a host copy per chunk stalled the GPU at every chunk (on the
+H200 the plain loop scored 31.8k tok/s with one transfer per batch; benchmarks/results/
+packing-probe-h200/). Only the reference cell's 16-bit log-probability codes (V entries a
+position) come back chunk by chunk, so they never pile up on the device. Where the head cannot be split off
 the model (a runtime without modules, like llama.cpp, or a head with extra arithmetic), the full
 logits are taken and the same chunking applies to them.
 
@@ -38,7 +43,8 @@ import torch
 
 from harness.errors import HarnessError
 
-HEAD_BYTES = 64 * 2**20  # float32 logits per head chunk (a chunk holds up to 4 such temporaries)
+HEAD_BYTES = 64 * 2**20  # float32 logits per head chunk on CPU (a chunk holds up to 4 such temporaries)
+GPU_HEAD_BYTES = 256 * 2**20  # on a GPU: fewer, larger output-layer GEMMs (341 positions a chunk at a 49k vocabulary was too few)
 CPU_BATCH_TOKENS = 1024  # 'auto' on CPU: on 2 cores 1,024 scored 64 BoolQ documents in 21 s, 4,096 in 30 s
 MAX_PADDING = 0.10  # a batch closes before padding would exceed this fraction of its tokens
 MAX_BATCH_TOKENS = 65536  # 'auto' on a GPU: at most this many padded tokens a batch
@@ -324,15 +330,16 @@ class Scorer:
         tgt = torch.cat(targets).to(device)
         ref = _stack_reference(refs, spans)
         vocab = flat.shape[1] if self.head.split is None else _vocab(self.head)
-        chunk = max(1, HEAD_BYTES // (4 * max(vocab, 1)))
+        chunk = max(1, (GPU_HEAD_BYTES if device.type == "cuda" else HEAD_BYTES) // (4 * max(vocab, 1)))
         parts: dict[str, list[torch.Tensor]] = {}
         for lo in range(0, pos.numel(), chunk):
             hi = min(lo + chunk, pos.numel())
             logits = self.head.logits(flat.index_select(0, pos[lo:hi]))
             ref_chunk = None if ref is None else {k: torch.from_numpy(v[lo:hi]).to(device) for k, v in ref.items()}
             for name, value in _position_stats(logits, tgt[lo:hi], record, ref_chunk).items():
-                parts.setdefault(name, []).append(value.cpu())
-        host = {name: torch.cat(v) for name, v in parts.items()}
+                # per-position vectors wait on the device (one transfer per batch); V-wide codes do not
+                parts.setdefault(name, []).append(value.cpu() if name == "codes" else value)
+        host = {name: torch.cat(v).cpu() for name, v in parts.items()}
         self.stats.forward_tokens += len(batch) * width
         self.stats.scored += int(pos.numel())
         lo = 0
