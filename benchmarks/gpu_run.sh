@@ -117,6 +117,7 @@ case "$what" in
     python3 "$repo/benchmarks/scoring_vs_lmeval.py" --shape llama-2-7b --tokenizer /tmp/tok --device cuda \
       --work /tmp/scoring --lm-eval-batch ${LM_EVAL_BATCH:-16 32} "$@" 2>&1 | grep -v "SyntaxWarning\|Configuration class" \
       | tee "$OUT/scoring_vs_lmeval.log"
+    [ -n "${SCORING_ONLY:-}" ] && exit 0  # the side by side only, without the comparing-cell memory run below
     run=/tmp/run-engine-7b
     python3 -m harness.cli run --suite "$repo/benchmarks/engine-7b-gpu.yaml" -m /tmp/scoring/llama-2-7b --out "$run" \
       2>&1 | grep -vE "░|█" | tee "$OUT/engine-7b.log" | tail -20 || echo "harness exit $?"
