@@ -30,6 +30,7 @@ BACKENDS: Registry = Registry(
         "torch-static": "harness.adapters.torch_static:TorchStaticAdapter",
         "torch-qat": "harness.adapters.torch_qat:TorchQATAdapter",
         "pt2e": "harness.adapters.pt2e:PT2EAdapter",
+        "pt2e-llm": "harness.adapters.pt2e_llm:PT2ELLMAdapter",
         "onnxruntime-vision": "harness.adapters.onnxruntime_vision:OrtVisionAdapter",
         "executorch": "harness.adapters.executorch_backend:ExecuTorchAdapter",
         "litert": "harness.adapters.litert_backend:LiteRTAdapter",

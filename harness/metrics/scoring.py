@@ -47,7 +47,7 @@ HEAD_BYTES = 64 * 2**20  # float32 logits per head chunk on CPU (a chunk holds u
 GPU_HEAD_BYTES = 256 * 2**20  # on a GPU: fewer, larger output-layer GEMMs (341 positions a chunk at a 49k vocabulary was too few)
 CPU_BATCH_TOKENS = 1024  # 'auto' on CPU: on 2 cores 1,024 scored 64 BoolQ documents in 21 s, 4,096 in 30 s
 MAX_PADDING = 0.10  # a batch closes before padding would exceed this fraction of its tokens
-MAX_BATCH_TOKENS = 65536  # 'auto' on a GPU: at most this many padded tokens a batch
+MAX_BATCH_TOKENS = 16384  # 'auto' on a GPU: at most this many padded tokens a batch (H200, 7B fp16: 16,384-token batches scored 31.8k tok/s, 65,536 27.2k: benchmarks/results/packing-probe-h200/)
 REFERENCE_FOLDER = "reference-logprobs"
 BatchTokens = int | Literal["auto"]
 
