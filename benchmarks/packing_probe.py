@@ -143,7 +143,7 @@ def score(model, batches, device):
     return float(total), scored, forward, time.perf_counter() - t0
 
 
-def time_all(rows_file: Path, shape: str, repeats: int, which: list[str]) -> None:
+def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload: bool = False) -> None:
     """`which`: entries "layout@budget", e.g. "padded@65536"."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -164,7 +164,16 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str]) -> Non
         "concat": lambda budget: batches_concat(rows, budget, seq_len),
     }
     base = None
-    for entry in which:
+    entries = [(e, model) for e in which]
+    if reload:  # the same weights saved and loaded back as a user's folder is loaded (from_pretrained)
+        folder = Path("/tmp/packing-probe-model")
+        model.save_pretrained(folder)
+        del model
+        torch.cuda.empty_cache()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).to("cuda").eval()
+        print(f"reloaded with from_pretrained: attn {model.config._attn_implementation}", flush=True)
+        entries = [(e, model) for e in which]
+    for entry, model in entries:
         layout, budget = entry.split("@")
         name, budget = entry, int(budget)
         model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")
@@ -198,11 +207,12 @@ def main() -> None:
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--which", nargs="+", default=["padded@65536", "padded@16384", "packed-sdpa@65536",
                                                   "packed-sdpa@16384", "packed-flex@65536", "concat@65536"])
+    t.add_argument("--reload", action="store_true", help="time the model saved and loaded back with from_pretrained")
     a = ap.parse_args()
     if a.cmd == "make-rows":
         make_rows(a.out, a.corpus, a.seq_len)
     else:
-        time_all(a.rows, a.shape, a.repeats, a.which)
+        time_all(a.rows, a.shape, a.repeats, a.which, a.reload)
 
 
 if __name__ == "__main__":
