@@ -163,8 +163,9 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload
         "packed-flex": lambda budget: batches_packed(rows, budget, seq_len),
         "concat": lambda budget: batches_concat(rows, budget, seq_len),
     }
-    base = None
-    entries = [(e, model) for e in which]
+    state = {"base": None}
+    for entry in which:
+        time_entry(model, entry, makers, repeats, state)
     if reload:  # the same weights saved and loaded back as a user's folder is loaded (from_pretrained)
         folder = Path("/tmp/packing-probe-model")
         model.save_pretrained(folder)
@@ -172,26 +173,30 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload
         torch.cuda.empty_cache()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).to("cuda").eval()
         print(f"reloaded with from_pretrained: attn {model.config._attn_implementation}", flush=True)
-        entries = [(e, model) for e in which]
-    for entry, model in entries:
-        layout, budget = entry.split("@")
-        name, budget = entry, int(budget)
-        model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")
-        try:
-            warm = next(iter(makers[layout](budget)))
-            score(model, [warm], "cuda")  # warm-up (and flex's compile)
-            runs = [score(model, makers[layout](budget), "cuda") for _ in range(repeats)]
-        except Exception as e:  # noqa: BLE001 - a probe: say what failed, go on
-            print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-            continue
-        secs = sorted(r[3] for r in runs)
-        nll, scored, forward, _ = runs[0]
-        med = secs[len(secs) // 2]
-        ppl = math.exp(nll / scored)
-        agree = "" if base is None or layout == "concat" else f", ppl vs first {ppl / base - 1:+.2e}"
-        base = ppl if base is None else base
-        print(f"{name:18s} ppl {ppl:.4f}  scored {scored}  forward tokens {forward} ({scored / forward:.1%} useful)  "
-              f"{med:.2f} s (min {secs[0]:.2f}, max {secs[-1]:.2f}) = {scored / med:,.0f} scored tok/s{agree}", flush=True)
+        for entry in which:
+            time_entry(model, entry, makers, repeats, state, " reloaded")
+
+
+def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffix: str = "") -> None:
+    layout, budget = entry.split("@")
+    name, budget = entry + suffix, int(budget)
+    model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")
+    try:
+        warm = next(iter(makers[layout](budget)))
+        score(model, [warm], "cuda")  # warm-up (and flex's compile)
+        runs = [score(model, makers[layout](budget), "cuda") for _ in range(repeats)]
+    except Exception as e:  # noqa: BLE001 - a probe: say what failed, go on
+        print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+        return
+    secs = sorted(r[3] for r in runs)
+    nll, scored, forward, _ = runs[0]
+    med = secs[len(secs) // 2]
+    ppl = math.exp(nll / scored)
+    base = state["base"]
+    agree = "" if base is None or layout == "concat" else f", ppl vs first {ppl / base - 1:+.2e}"
+    state["base"] = ppl if base is None else base
+    print(f"{name:27s} ppl {ppl:.4f}  scored {scored}  forward tokens {forward} ({scored / forward:.1%} useful)  "
+          f"{med:.2f} s (min {secs[0]:.2f}, max {secs[-1]:.2f}) = {scored / med:,.0f} scored tok/s{agree}", flush=True)
 
 
 def main() -> None:
