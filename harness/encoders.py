@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +91,10 @@ def tiny_bert(name: str, prepare: bool):
         import torch
         from transformers import BertConfig, BertModel, BertTokenizerFast
 
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        from harness.models import temp_folder_beside, publish_folder
+
+        tmp = temp_folder_beside(dest)
+        tmp.mkdir(parents=True)
         chars = string.ascii_lowercase + string.digits + string.punctuation
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
         (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -108,11 +109,7 @@ def tiny_bert(name: str, prepare: bool):
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
         ]))
-        if dest.exists():
-            import shutil
-
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        publish_folder(tmp, dest, marker="modules.json")
     meta = pooling_of(dest) if dest.exists() else {"pooling": "mean", "normalize": True, "max_seq_length": 128}
     return ModelSource(name=name, path=str(dest), kind="tiny", task=TASK,
                        note="random-init weights: for tests only, no quality claim", meta=meta)

@@ -90,14 +90,14 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise HarnessError(f"GGUF conversion lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tmp = _private_folder(dest)
+    tmp = temp_folder_beside(dest)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "qharness-source.json").write_text(json.dumps({"gguf": str(gguf), "size": gguf.stat().st_size}))
-    _publish_folder(tmp, dest)
+    publish_folder(tmp, dest)
 
 
-def _private_folder(dest: Path) -> Path:
+def temp_folder_beside(dest: Path) -> Path:
     """A temporary folder beside `dest` that no other process writes into (two runs, or two test
     workers, may build the same cached model at once)."""
     import uuid
@@ -106,12 +106,12 @@ def _private_folder(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def _publish_folder(tmp: Path, dest: Path) -> None:
+def publish_folder(tmp: Path, dest: Path, marker: str = "config.json") -> None:
     """Move a finished folder into place in one rename; if another process published a complete
-    one meanwhile, keep that one (same inputs, same content) and drop ours."""
+    one (it has `marker`) meanwhile, keep that one (same inputs, same content) and drop ours."""
     import shutil
 
-    if (dest / "config.json").exists():
+    if (dest / marker).exists():
         shutil.rmtree(tmp, ignore_errors=True)
         return
     if dest.exists():  # an incomplete folder from an older layout or a crash
@@ -120,7 +120,7 @@ def _publish_folder(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
     except OSError:  # lost a race to another process's rename: its folder is complete
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (dest / "config.json").exists():
+        if not (dest / marker).exists():
             raise
 
 
@@ -158,10 +158,10 @@ def _tiny(name: str, prepare: bool) -> ModelSource:
 
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIGS[name]))
-        tmp = _private_folder(dest)
+        tmp = temp_folder_beside(dest)
         model.save_pretrained(tmp)
         _byte_tokenizer().save_pretrained(tmp)
-        _publish_folder(tmp, dest)
+        publish_folder(tmp, dest)
     return ModelSource(name=name, path=str(dest), kind="tiny", note="random-init weights: for tests only, no quality claim")
 
 
