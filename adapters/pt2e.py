@@ -22,7 +22,10 @@ weights, their per-channel scales and zero points, float biases), each storage o
 unread bytes are reported beside it in the backend info (`unread_tensor_bytes`), never hidden.
 `linear_stats` follows each conv / linear weight input back through its dequantize op to the
 int8 constant and its scales and zero points. `stored_file` is the converted program re-exported
-and written with `torch.export.save` (a `.pt2`): graph code and every constant it holds."""
+and written with `torch.export.save` (a `.pt2`): graph code and every constant it holds.
+
+Causal LMs go through `adapters/pt2e_llm.py` (backend `pt2e-llm`): the same quantizer and this
+module's counting on the exported decoder, calibrated on the suite's token windows."""
 
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class PT2EVariant(VariantConfig):
         return f"pt2e-x86-{self.lower}{n}"
 
 
-def _graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+def graph_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """name -> tensor of every get_attr the graph reads."""
     out = {}
     for node in gm.graph.nodes:
@@ -75,7 +78,7 @@ def _all_tensors(gm: torch.nn.Module) -> list[torch.Tensor]:
     return tensors
 
 
-def _distinct_bytes(tensors) -> int:
+def distinct_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
         key = (t.untyped_storage().data_ptr(), t.numel(), t.dtype)
@@ -88,12 +91,12 @@ def _distinct_bytes(tensors) -> int:
 def count_converted(gm: torch.fx.GraphModule) -> dict[str, Any]:
     """What the converted graph reads (total, by dtype), what it holds without reading, and the
     conv / linear weights (logical count, stored bytes: int8 codes + scales + zero points)."""
-    read = _graph_tensors(gm)
+    read = graph_tensors(gm)
     by_dtype: dict[str, int] = {}
     for t in read.values():
         by_dtype[str(t.dtype)] = by_dtype.get(str(t.dtype), 0) + stored_tensor_bytes(t)
-    total_read = _distinct_bytes(read.values())
-    everything = _distinct_bytes(_all_tensors(gm))
+    total_read = distinct_bytes(read.values())
+    everything = distinct_bytes(_all_tensors(gm))
     n_weights = n_bytes = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or not any(op in str(node.target) for op in _WEIGHT_OPS) or len(node.args) < 2:
@@ -105,7 +108,7 @@ def count_converted(gm: torch.fx.GraphModule) -> dict[str, Any]:
             codes = next((t for t in tensors if t.dtype in (torch.int8, torch.uint8)), None)
             if codes is not None:
                 n_weights += codes.numel()
-                n_bytes += _distinct_bytes(tensors)
+                n_bytes += distinct_bytes(tensors)
         elif getattr(w, "op", None) == "get_attr" and w.target in read:
             n_weights += read[w.target].numel()
             n_bytes += stored_tensor_bytes(read[w.target])
@@ -165,7 +168,7 @@ class PT2EAdapter(Adapter):
         from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, PT2EVariant)
-        require_vision(model, "pt2e")
+        require_vision(model, "pt2e", " (causal LMs: backend pt2e-llm)")
         pt2e, xiq = importlib.import_module(PT2E_MODULE), importlib.import_module(QUANTIZER_MODULE)
         example = example_input(EXPORT_BATCH)
         images = calibration_images(model, variant.calibration_images)
