@@ -127,7 +127,8 @@ def batches_concat(rows, budget, seq_len):
         yield ids, tgt, None
 
 
-def score(model, batches, device):
+def score(model, batches, device, trace: list | None = None):
+    """trace: when a list, each batch's (rows, width, seconds) is appended (a sync per batch)."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     scored = forward = 0
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -146,11 +147,15 @@ def score(model, batches, device):
                 total += (torch.logsumexp(logits, -1) - logits.gather(-1, targets[s][:, None]).squeeze(-1)).sum(dtype=torch.float64)
             scored += sel.numel()
             forward += ids.numel()
+            if trace is not None:
+                sync()
+                trace.append((ids.shape[0], ids.shape[1], time.perf_counter() - t0 - sum(t[2] for t in trace)))
     sync()
     return float(total), scored, forward, time.perf_counter() - t0
 
 
-def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload: bool = False) -> None:
+def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload: bool = False,
+             cold: bool = False, trace: bool = False) -> None:
     """`which`: entries "layout@budget", e.g. "padded@65536"."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -171,7 +176,7 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload
         "packed-flex": lambda budget: batches_packed(rows, budget, seq_len),
         "concat": lambda budget: batches_concat(rows, budget, seq_len),
     }
-    state = {"base": None}
+    state = {"base": None, "cold": cold, "trace": trace}
     for entry in which:
         time_entry(model, entry, makers, repeats, state)
     if reload:  # the same weights saved and loaded back as a user's folder is loaded (from_pretrained)
@@ -190,12 +195,18 @@ def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffi
     name, budget = entry + suffix, int(budget)
     model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")
     try:
-        warm = next(iter(makers[layout](budget)))
-        score(model, [warm], "cuda")  # warm-up (and flex's compile)
-        runs = [score(model, makers[layout](budget), "cuda") for _ in range(repeats)]
+        if not state.get("cold"):
+            warm = next(iter(makers[layout](budget)))
+            score(model, [warm], "cuda")  # warm-up (and flex's compile)
+        traces = [[] if state.get("trace") else None for _ in range(repeats)]
+        runs = [score(model, makers[layout](budget), "cuda", traces[r]) for r in range(repeats)]
     except Exception as e:  # noqa: BLE001 - a probe: say what failed, go on
         print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
         return
+    in_order = ", ".join(f"{r[3]:.2f}" for r in runs)
+    if state.get("trace"):  # batch by batch: first run against the last (ms)
+        for (rows_n, width, a), (_, _, b) in zip(traces[0], traces[-1]):
+            print(f"  batch {rows_n:4d} x {width:4d}: first {a * 1e3:7.1f} ms, last {b * 1e3:7.1f} ms", flush=True)
     secs = sorted(r[3] for r in runs)
     nll, scored, forward, _ = runs[0]
     med = secs[len(secs) // 2]
@@ -204,7 +215,8 @@ def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffi
     agree = "" if base is None or layout == "concat" else f", ppl vs first {ppl / base - 1:+.2e}"
     state["base"] = ppl if base is None else base
     print(f"{name:27s} ppl {ppl:.4f}  scored {scored}  forward tokens {forward} ({scored / forward:.1%} useful)  "
-          f"{med:.2f} s (min {secs[0]:.2f}, max {secs[-1]:.2f}) = {scored / med:,.0f} scored tok/s{agree}", flush=True)
+          f"{med:.2f} s (min {secs[0]:.2f}, max {secs[-1]:.2f}) = {scored / med:,.0f} scored tok/s{agree}"
+          f" | runs in order {in_order} s", flush=True)
 
 
 def main() -> None:
@@ -221,11 +233,18 @@ def main() -> None:
     t.add_argument("--which", nargs="+", default=["padded@65536", "padded@16384", "packed-sdpa@65536",
                                                   "packed-sdpa@16384", "packed-flex@65536", "concat@65536"])
     t.add_argument("--reload", action="store_true", help="time the model saved and loaded back with from_pretrained")
+    t.add_argument("--cold", action="store_true", help="no warm-up pass: the first run meets every shape and "
+                   "allocation for the first time, as a harness cell (or lm-eval) does")
+    t.add_argument("--trace", action="store_true", help="print each batch's time, first run against the last")
+    t.add_argument("--no-cudnn-sdpa", action="store_true", help="attention without cuDNN's SDPA backend, which "
+                   "builds a graph per new shape (the harness's scoring does this: scoring.shape_stable_attention)")
     a = ap.parse_args()
+    if getattr(a, "no_cudnn_sdpa", False):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if a.cmd == "make-rows":
         make_rows(a.out, a.corpus, a.seq_len)
     else:
-        time_all(a.rows, a.shape, a.repeats, a.which, a.reload)
+        time_all(a.rows, a.shape, a.repeats, a.which, a.reload, a.cold, a.trace)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ measures both); the 16-bit store is within 0.1% of the live float64 KLD there.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -144,14 +145,27 @@ class Head:
         self.split = _split_head(qmodel)
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.split is None:
-            return self.qmodel.logits(ids)
-        decoder, _ = self.split
-        out = decoder(input_ids=ids.to(self.qmodel.device), use_cache=False)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        with shape_stable_attention(getattr(self.qmodel, "device", "cpu")):
+            if self.split is None:
+                return self.qmodel.logits(ids)
+            decoder, _ = self.split
+            out = decoder(input_ids=ids.to(self.qmodel.device), use_cache=False)
+            return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return (features if self.split is None else self.split[1](features)).float()
+
+
+def shape_stable_attention(device):
+    """On CUDA, scaled-dot-product attention without the cuDNN backend, which builds a graph for
+    every new (batch, length) shape: a scoring pass meets a new shape at nearly every batch, and on
+    the H200 that cost a 7B ~50 ms a batch, 10% of a 16k-token batch (flash and memory-efficient
+    attention have no per-shape cost: benchmarks/results/cold-shapes-h200/). Elsewhere a no-op."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _split_head(qmodel) -> tuple[Callable, Callable] | None:
