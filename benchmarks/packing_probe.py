@@ -176,7 +176,7 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload
         "packed-flex": lambda budget: batches_packed(rows, budget, seq_len),
         "concat": lambda budget: batches_concat(rows, budget, seq_len),
     }
-    state = {"base": None, "cold": cold, "trace": trace}
+    state = {"base": None, "cold": cold, "trace": trace, "rows": rows}
     for entry in which:
         time_entry(model, entry, makers, repeats, state)
     if reload:  # the same weights saved and loaded back as a user's folder is loaded (from_pretrained)
@@ -190,9 +190,29 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload
             time_entry(model, entry, makers, repeats, state, " reloaded")
 
 
+def score_harness(model, rows, budget: int) -> tuple[float, int, int, float]:
+    """The harness's own engine (harness.metrics.scoring.Scorer) on the same rows, batched by its
+    rule at the budget: what a cell's perplexity pass does, minus the cell around it."""
+    from harness.adapters.base import QuantizedModel
+    from harness.metrics.scoring import Row, Scorer
+
+    scorer = Scorer(QuantizedModel(module=model, device=torch.device("cuda")))
+    todo = [Row.of(x.long(), t.long()) for x, t in rows]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    scores = scorer.rows(todo, batch_tokens=budget)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return float(sum(s.nll.sum() for s in scores)), scorer.stats.scored, scorer.stats.forward_tokens, seconds
+
+
 def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffix: str = "") -> None:
     layout, budget = entry.split("@")
     name, budget = entry + suffix, int(budget)
+    if layout == "harness":  # cold when first in the process: the engine takes no warm-up pass of its own
+        runs = [score_harness(model, state["rows"], budget) for _ in range(repeats)]
+        report(name, layout, runs, state, [None] * repeats)
+        return
     model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")
     try:
         if not state.get("cold"):
@@ -203,8 +223,12 @@ def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffi
     except Exception as e:  # noqa: BLE001 - a probe: say what failed, go on
         print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
         return
+    report(name, layout, runs, state, traces)
+
+
+def report(name: str, layout: str, runs: list, state: dict, traces: list) -> None:
     in_order = ", ".join(f"{r[3]:.2f}" for r in runs)
-    if state.get("trace"):  # batch by batch: first run against the last (ms)
+    if state.get("trace") and traces[0] is not None:  # batch by batch: first run against the last (ms)
         for (rows_n, width, a), (_, _, b) in zip(traces[0], traces[-1]):
             print(f"  batch {rows_n:4d} x {width:4d}: first {a * 1e3:7.1f} ms, last {b * 1e3:7.1f} ms", flush=True)
     secs = sorted(r[3] for r in runs)
