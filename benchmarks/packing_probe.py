@@ -262,9 +262,17 @@ def main() -> None:
     t.add_argument("--trace", action="store_true", help="print each batch's time, first run against the last")
     t.add_argument("--no-cudnn-sdpa", action="store_true", help="attention without cuDNN's SDPA backend, which "
                    "builds a graph per new shape (the harness's scoring does this: scoring.shape_stable_attention)")
+    t.add_argument("--harness-with-cudnn", action="store_true", help="the 'harness' layout with cuDNN's SDPA "
+                   "allowed (as before a975c90), for an A/B of shape_stable_attention")
     a = ap.parse_args()
     if getattr(a, "no_cudnn_sdpa", False):
         torch.backends.cuda.enable_cudnn_sdp(False)
+    if getattr(a, "harness_with_cudnn", False):  # the engine as it was before a975c90: cuDNN's SDPA allowed
+        import contextlib
+
+        import harness.metrics.scoring as scoring
+
+        scoring.shape_stable_attention = lambda device: contextlib.nullcontext()
     if a.cmd == "make-rows":
         make_rows(a.out, a.corpus, a.seq_len)
     else:
