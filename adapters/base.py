@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from harness.storage import linear_weight_stats, module_bytes
+from harness.weights.footprint import linear_weight_stats, module_bytes
 
 
 class VariantConfig(BaseModel):
@@ -77,7 +77,7 @@ class ModelShapes:
     linears: tuple[LinearShape, ...]
     hidden_size: int | None = None
     architecture: str | None = None
-    source: Any = field(default=None, compare=False)  # harness.models.ModelSource: where weights come from
+    source: Any = field(default=None, compare=False)  # harness.models.zoo.ModelSource: where weights come from
     task: str = "causal-lm"  # or "encoder": adapters and measurements declare which they handle
 
     def targets(self, skip: tuple[str, ...] = ("lm_head",)) -> list[LinearShape]:
@@ -139,8 +139,8 @@ class QuantizedModel:
     @torch.inference_mode()
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """float32 sentence vectors (batch, dim) of a sentence encoder for a tokenized batch
-        (harness.encoders.tokenize), pooled as the model's own pooling config says."""
-        from harness.encoders import pool, pooling_config
+        (harness.models.encoders.tokenize), pooled as the model's own pooling config says."""
+        from harness.models.encoders import pool, pooling_config
 
         hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))

@@ -109,7 +109,7 @@ class ExecuTorchAdapter(Adapter):
         from executorch.exir.passes.sym_shape_eval_pass import HintBasedSymShapeEvalPass
 
         from harness.adapters.vision_model import weight_layer_stats
-        from harness.vision import calibration_images, example_input
+        from harness.models.vision import calibration_images, example_input
 
         assert isinstance(variant, ExecuTorchVariant)
         require_vision(model, "executorch")

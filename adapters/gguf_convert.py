@@ -82,7 +82,7 @@ def ensure_converter() -> Path:
         if not path.is_file():
             raise HarnessError(f"llamacpp: {CONVERTER_ENV}={override} is not a file")
         return path
-    from harness.models import cache_root
+    from harness.models.zoo import cache_root
 
     version = _llama_cpp_version()
     dest = cache_root() / f"llama.cpp-{version}"

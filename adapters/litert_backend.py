@@ -165,7 +165,7 @@ class LiteRTAdapter(Adapter):
 
         from harness.adapters.pt2e import count_converted
         from harness.adapters.vision_model import weight_layer_stats
-        from harness.vision import calibration_images, example_input
+        from harness.models.vision import calibration_images, example_input
 
         assert isinstance(variant, LiteRTVariant)
         require_vision(model, "litert")

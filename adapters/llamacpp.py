@@ -2,7 +2,7 @@
 quantizer (`llama_model_quantize`) and llama.cpp's own logits, on the token ids the harness
 gives every backend (the HF tokenizer's; llama.cpp's tokenizer is never used).
 
-Pipeline, each step cached under `harness.models.cache_root()`:
+Pipeline, each step cached under `harness.models.zoo.cache_root()`:
 
 1. `ensure_converter()`: llama.cpp's `convert_hf_to_gguf.py` is in neither the `gguf` wheel nor
    the llama-cpp-python wheel, only in the llama-cpp-python sdist (vendor/llama.cpp/). The sdist of
@@ -90,7 +90,7 @@ def _hf_dir(source: Any) -> Path:
 
 
 def _model_dir(source: Any) -> Path:
-    from harness.models import cache_root
+    from harness.models.zoo import cache_root
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-")[:60]
     key = [str(source.path)]
@@ -306,7 +306,7 @@ class LlamaCppAdapter(Adapter):
         if str(device).startswith("cuda"):
             return lines + ["llamacpp: weights on the GPU (every layer offloaded): no CPU buffer decision"]
         try:
-            from harness.models import resolve_model
+            from harness.models.zoo import resolve_model
 
             gguf = resolve_model("builtin:smollm2-135m", prepare=False).meta["gguf_file"]
         except HarnessError:
@@ -346,7 +346,7 @@ class LlamaCppAdapter(Adapter):
         device = torch.device(device)
         source = getattr(model, "qharness_source", None)
         if source is None:
-            raise HarnessError("llamacpp: the model has no qharness_source (load it with harness.models.load_model)")
+            raise HarnessError("llamacpp: the model has no qharness_source (load it with harness.models.zoo.load_model)")
         original = (source.meta or {}).get("gguf_file")
         if "original" in (variant.qtype, variant.source) and not original:
             raise HarnessError(self._no_original(variant, source.name))

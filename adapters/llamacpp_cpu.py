@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.provenance import cpu_flags
+from harness.results.provenance import cpu_flags
 
 PROBE_TIMEOUT_S = 180
 FAULT_ENV = "QHARNESS_LLAMACPP_PROBE_FAULT"
@@ -115,7 +115,7 @@ def choose_buffers(path: str | Path) -> BufferChoice:
     from the cache, else probed in child processes. Raises HarnessError when llama.cpp cannot
     decode the file here with either kind of buffer."""
     from harness.adapters.gguf_convert import _llama_cpp_version
-    from harness.models import cache_root
+    from harness.models.zoo import cache_root
 
     path = Path(path)
     features = system_info()

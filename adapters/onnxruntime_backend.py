@@ -104,7 +104,7 @@ class _LastHiddenState(torch.nn.Module):
 
 def export_encoder(model: torch.nn.Module, tokenizer: Any) -> tuple[Path, dict[str, Any]]:
     """(pre-processed fp32 ONNX file, export info), exported once per model and cached."""
-    from harness.models import cache_root
+    from harness.models.zoo import cache_root
 
     source = model.qharness_source
     dest = cache_root() / "onnx" / f"{source.name.replace(':', '-').replace('/', '_')}-{_fingerprint(source)}"
@@ -231,7 +231,7 @@ class OrtEncoderModel(QuantizedModel):
         self.info.update(intra_op_threads=options.intra_op_num_threads, providers=self.session.get_providers())
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from harness.encoders import pool
+        from harness.models.encoders import pool
 
         feeds = {name: batch[name].cpu().numpy() for name in self.inputs}
         hidden = self.session.run(None, feeds)[0]
@@ -294,7 +294,7 @@ class OnnxRuntimeAdapter(Adapter):
         assert isinstance(variant, OrtVariant)
         from transformers import AutoTokenizer
 
-        from harness.encoders import pooling_config
+        from harness.models.encoders import pooling_config
 
         source = getattr(model, "qharness_source", None)
         if source is None or source.task != "encoder":

@@ -5,7 +5,7 @@ pre-processed by ORT's `quant_pre_process` (which folds each BatchNorm into its 
 under ~/.cache/qharness/onnx/<model>-<fingerprint>. Then, per cell:
 
 - `mode: static`: `quantize_static` with a `CalibrationDataReader` over the model's calibration
-  split (harness.vision; never trained on, never scored), MinMax / Entropy / Percentile, QDQ
+  split (harness.models.vision; never trained on, never scored), MinMax / Entropy / Percentile, QDQ
   (QuantizeLinear/DequantizeLinear pairs that ORT fuses into QLinearConv at session load) or
   QOperator; weights int8 (per channel with `per_channel: true`), activations uint8 by default;
 - `mode: dynamic`: `quantize_dynamic` (ConvInteger / MatMulInteger, activations per call);
@@ -59,8 +59,8 @@ class OrtVisionVariant(OrtVariant):
 
 def export_vision(model: torch.nn.Module) -> Path:
     """The pre-processed fp32 ONNX file of a vision model, exported once and cached."""
-    from harness.models import cache_root
-    from harness.vision import example_input
+    from harness.models.zoo import cache_root
+    from harness.models.vision import example_input
 
     source = model.qharness_source
     key = json.dumps([source.meta.get("recipe_hash"), torch.__version__, EXPORT_FORMAT])
@@ -181,7 +181,7 @@ class OrtVisionAdapter(Adapter):
     def _quantize(model: torch.nn.Module, src: Path, dst: Path, variant: OrtVisionVariant, info: dict[str, Any]) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-        from harness.vision import calibration_images
+        from harness.models.vision import calibration_images
 
         types = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
         common = dict(per_channel=variant.per_channel, reduce_range=variant.reduce_range,

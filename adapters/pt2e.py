@@ -165,7 +165,7 @@ class PT2EAdapter(Adapter):
                  device: torch.device) -> QuantizedModel:
         import importlib
 
-        from harness.vision import calibration_images, example_input
+        from harness.models.vision import calibration_images, example_input
 
         assert isinstance(variant, PT2EVariant)
         require_vision(model, "pt2e", " (causal LMs: backend pt2e-llm)")

@@ -27,7 +27,7 @@ from harness.adapters.base import (
     VariantConfig,
 )
 from harness.errors import HarnessError
-from harness.storage import linear_weight_stats, module_bytes
+from harness.weights.footprint import linear_weight_stats, module_bytes
 
 _CPU_ONLY = "torch quantize_dynamic kernels are CPU-only (fbgemm/qnnpack)"
 

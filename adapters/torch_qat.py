@@ -97,7 +97,7 @@ class TorchQATAdapter(Adapter):
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
         from harness.adapters.vision_model import VisionModel
-        from harness.vision import dataset_of
+        from harness.models.vision import dataset_of
 
         assert isinstance(variant, QATVariant)
         if torch.device(device).type != "cpu":

@@ -82,7 +82,7 @@ def describe(profile: HardwareProfile | None) -> str:
 
 def detect(device: str) -> tuple[str, str]:
     """(profile name, device name) for 'cpu' or 'cuda'; profile 'unknown-<kind>' when none fits."""
-    from harness.provenance import cpu_name, gpu_info
+    from harness.results.provenance import cpu_name, gpu_info
 
     if device.startswith("cuda"):
         gpus = gpu_info().get("gpus") or ["unknown GPU"]

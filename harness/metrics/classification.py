@@ -1,4 +1,4 @@
-"""Image-classifier quality on the model's held-out test split (harness.vision), against the float
+"""Image-classifier quality on the model's held-out test split (harness.models.vision), against the float
 reference on the very same images.
 
 - `accuracy`: top-1 accuracy on the test split (never trained or calibrated on), with its binomial
@@ -105,8 +105,8 @@ class Classification(Measurement):
     )
 
     def run(self, ctx: CellContext, params: ClassificationParams) -> list[MetricValue]:
-        from harness.models import resolve_model
-        from harness.vision import dataset_of
+        from harness.models.zoo import resolve_model
+        from harness.models.vision import dataset_of
 
         source = resolve_model(ctx.model_name, prepare=False)
         images, labels = dataset_of(source, params.split)

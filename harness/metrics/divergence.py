@@ -74,7 +74,7 @@ def summarize(kld: np.ndarray, agree: np.ndarray, delta_p: np.ndarray, detail: d
 
 def eval_windows(ctx: CellContext, corpus: str, seq_len: int, max_windows: int | None, who: str) -> torch.Tensor:
     """(n, seq_len) consecutive windows from the start of the corpus's eval split."""
-    from harness.data import eval_token_stream
+    from harness.models.corpora import eval_token_stream
 
     max_tokens = seq_len * max_windows if max_windows else None
     stream = eval_token_stream(ctx.tokenizer, corpus, max_tokens)

@@ -152,7 +152,7 @@ class Drift(Measurement):
     Params = DriftParams
 
     def _stream(self, ctx: CellContext, params: DriftParams) -> torch.Tensor:
-        from harness.data import eval_token_stream
+        from harness.models.corpora import eval_token_stream
 
         context = model_context(ctx.qmodel)
         longest = max(params.seq_len, params.prompt_len + params.new_tokens)

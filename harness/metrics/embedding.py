@@ -41,7 +41,7 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
     import pyarrow as pa
     import pyarrow.ipc
 
-    from harness.data import _data_file, is_calibration
+    from harness.models.corpora import _data_file, is_calibration
 
     path = _data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
@@ -59,7 +59,7 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
 
 
 def embed_texts(qmodel: Any, tokenizer: Any, texts: list[str], batch_size: int, progress=None) -> np.ndarray:
-    from harness.encoders import tokenize
+    from harness.models.encoders import tokenize
 
     out = []
     for start in range(0, len(texts), batch_size):

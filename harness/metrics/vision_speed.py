@@ -59,8 +59,8 @@ class VisionSpeed(Measurement):
     def run(self, ctx: CellContext, params: VisionSpeedParams) -> list[MetricValue]:
         import torch
 
-        from harness.models import resolve_model
-        from harness.vision import dataset_of
+        from harness.models.zoo import resolve_model
+        from harness.models.vision import dataset_of
 
         images, _ = dataset_of(resolve_model(ctx.model_name, prepare=False), "test")
         if max(params.batch_sizes) > images.shape[0]:

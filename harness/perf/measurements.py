@@ -95,9 +95,9 @@ class SpeedParams(MeasurementParams):
     modes: list[Literal["framework", "graph", "lean", "triton"]] = Field(
         default_factory=lambda: ["framework", "graph"],
         description="framework: plain generate; graph: the model's step with a static cache as one CUDA graph; lean: "
-                    "harness.perf.lean_decode (Llama-family, fused float projections, the backend's modules otherwise), "
+                    "harness.perf.kernels.lean_decode (Llama-family, fused float projections, the backend's modules otherwise), "
                     "torch.compile'd and captured; triton: the lean decoder's batch-1 step as five fused Triton kernels "
-                    "a layer (harness.perf.triton_decode; float models only), captured (CUDA only)")
+                    "a layer (harness.perf.kernels.triton_decode; float models only), captured (CUDA only)")
     graph_compile: bool = Field(False, description="torch.compile the decode step before capturing it")
     lean_inductor: dict = Field(default_factory=lambda: {"coordinate_descent_tuning": True},
                                 description="inductor config for the lean mode's compile")
@@ -307,7 +307,7 @@ def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter, kernels: st
     (a decoder that computes something else has no speed worth reporting). kernels="triton":
     its fused Triton step, already one kernel per stage, so not torch.compile'd."""
     from harness.perf.decode import static_cache_len
-    from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
+    from harness.perf.kernels.lean_decode import LeanDecoder, check_against, lean_graph_decode
 
     batch, context = ids.shape
     lean = LeanDecoder(model, batch, static_cache_len(context, new_tokens), kernels=kernels)
