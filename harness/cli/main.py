@@ -212,7 +212,7 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
 
 
 
-from harness.cli import ci_commands as cli_ci  # noqa: E402,F401 - registers compare / check / export on app, after run/list/report/env
+from harness.cli import ci_commands  # noqa: E402,F401 - registers compare / check / export on app, after run/list/report/env
 
 
 def main() -> None:

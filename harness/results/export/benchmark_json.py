@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.results.export.common import Exported
 from harness.results.records import Record
 from harness.results.run_dir import RunDir
 
@@ -112,3 +113,8 @@ def export_benchmarks(run: str | Path, out: str | Path) -> tuple[Path, int]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str))
     return out, len(recs)
+
+
+def to_pytest_benchmark(rd: RunDir, out: str | None) -> Exported:
+    path, n = export_benchmarks(rd.path, out or f"{rd.run_info()['run_id']}.benchmark.json")
+    return Exported(str(path), f"{n} benchmark(s) -> {path} (read with: pytest-benchmark compare {path})")
