@@ -33,7 +33,7 @@ _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/
 
 # --- the converter ---------------------------------------------------------------------------------
 
-def _llama_cpp_version() -> str:
+def llama_cpp_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -84,7 +84,7 @@ def ensure_converter() -> Path:
         return path
     from harness.models.zoo import cache_root
 
-    version = _llama_cpp_version()
+    version = llama_cpp_version()
     dest = cache_root() / f"llama.cpp-{version}"
     script = dest / "convert_hf_to_gguf.py"
     if script.is_file():

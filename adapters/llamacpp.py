@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
-from harness.adapters.gguf_convert import CONVERTER_ENV, _llama_cpp_version, convert_to_f16, ensure_converter  # noqa: F401 (re-exported)
+from harness.adapters.gguf_convert import CONVERTER_ENV, llama_cpp_version, convert_to_f16, ensure_converter  # noqa: F401 (re-exported)
 from harness.errors import HarnessError
 
 _LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
@@ -89,7 +89,7 @@ def _hf_dir(source: Any) -> Path:
         raise HarnessError(f"llamacpp: no local folder for model '{source.name}' ({type(exc).__name__})") from None
 
 
-def _model_dir(source: Any) -> Path:
+def model_dir(source: Any) -> Path:
     from harness.models.zoo import cache_root
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-")[:60]
@@ -351,9 +351,9 @@ class LlamaCppAdapter(Adapter):
         if "original" in (variant.qtype, variant.source) and not original:
             raise HarnessError(self._no_original(variant, source.name))
         info: dict[str, Any] = {"kernel": f"llama.cpp ({'cuda' if device.type == 'cuda' else 'cpu'})"}
-        folder = _model_dir(source)
+        folder = model_dir(source)
         folder.mkdir(parents=True, exist_ok=True)
-        version = _llama_cpp_version()
+        version = llama_cpp_version()
 
         if variant.qtype == "original":
             path = Path(original)

@@ -114,12 +114,12 @@ def choose_buffers(path: str | Path) -> BufferChoice:
     """Whether llama.cpp may use its extra (repack/AMX) weight buffers for this file on this CPU:
     from the cache, else probed in child processes. Raises HarnessError when llama.cpp cannot
     decode the file here with either kind of buffer."""
-    from harness.adapters.gguf_convert import _llama_cpp_version
+    from harness.adapters.gguf_convert import llama_cpp_version
     from harness.models.zoo import cache_root
 
     path = Path(path)
     features = system_info()
-    key = _key(path, features, _llama_cpp_version())
+    key = _key(path, features, llama_cpp_version())
     cached = cache_root() / "llama.cpp-buffers" / f"{key}.json"
     if cached.is_file():
         try:

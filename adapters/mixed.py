@@ -156,8 +156,8 @@ def _apply_llamacpp(model, plan, default, device) -> QuantizedModel:
     (`tt_overrides`, exact tensor names), quantized from the adapter's cached F16 conversion."""
     import llama_cpp
 
-    from harness.adapters.llamacpp import (LlamaCppAdapter, LlamaCppModel, LlamaCppVariant, _llama_cpp_version,
-                                           _model_dir, quantize_gguf)
+    from harness.adapters.llamacpp import (LlamaCppAdapter, LlamaCppModel, LlamaCppVariant, llama_cpp_version,
+                                           model_dir, quantize_gguf)
 
     if default is None or default.qtype in ("original", "F16") or default.source != "f16":
         raise HarnessError("mixed: llamacpp needs a default qtype other than F16/original, from source f16")
@@ -171,7 +171,7 @@ def _apply_llamacpp(model, plan, default, device) -> QuantizedModel:
         types["^" + re.escape(gguf_tensor_name(name)) + "$"] = getattr(llama_cpp, f"GGML_TYPE_{qtype}")
     f16 = LlamaCppAdapter().quantize(model, LlamaCppVariant(qtype="F16"), None, device)
     digest = hashlib.sha1(json.dumps(sorted(types.items())).encode()).hexdigest()[:8]
-    path = _model_dir(model.qharness_source) / f"mixed-{default.qtype}-{digest}-llama.cpp-{_llama_cpp_version()}.gguf"
+    path = model_dir(model.qharness_source) / f"mixed-{default.qtype}-{digest}-llama.cpp-{llama_cpp_version()}.gguf"
     meta = {"cached": True} if path.is_file() else quantize_gguf(f16.path, path, default.qtype, tensor_types=types)
     return LlamaCppModel(path, device, {"kernel": f"llama.cpp ({device.type})", "quantize": meta,
                                         "tensor_type_overrides": len(types), "gguf_file": str(path)})

