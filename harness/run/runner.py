@@ -155,8 +155,6 @@ def run_suite(
     `reference_from`: a run whose finished reference cells (same cell, same model files) are
     copied in instead of being run again. `static`: formats for static copies of the report's
     figures (reports.static_figures)."""
-    from harness import hardware
-    from harness.results import provenance
     from harness.run.planner import plan as make_plan
 
     emit = on_event or (lambda kind, data: None)
@@ -169,25 +167,7 @@ def run_suite(
     try:
         the_plan = make_plan(suite, models=models, backends=backends, device=device)
         reused = stored_references(the_plan, Path(reference_from)) if reference_from else {}
-        profile, device_name = hardware.detect(the_plan.device)
-
-        run_id = previous["run_id"] if previous else f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        info = {
-            "run_id": run_id,
-            "suite": suite.model_dump(mode="json"),
-            "started_at": previous.get("started_at") if previous else utc_now(),
-            "resumed_at": [*previous.get("resumed_at", []), utc_now()] if previous else [],
-            "hardware_profile": profile,
-            "device_name": device_name,
-            "provenance": provenance.collect(the_plan.device),
-            "models": the_plan.models,
-            "cells": [c.model_dump(mode="json") for c in the_plan.cells],
-            **({"reference_from": str(Path(reference_from).resolve())} if reference_from else {}),
-        }
-        if previous is None:
-            run_dir.create(info)
-        else:
-            run_dir.write_run_info(info)
+        info, profile = _write_run_info(run_dir, suite, the_plan, previous, reference_from)
 
         done = finished_cells(run_dir) if previous else set()
         attempts: dict[str, int] = {}
@@ -196,33 +176,77 @@ def run_suite(
         todo = [c for c in the_plan.cells if c.cell_id not in done]
         emit("planned", {"run_dir": run_dir.path, "total": len(the_plan.cells), "todo": len(todo),
                          "done": len(the_plan.cells) - len(todo), "device": the_plan.device, "profile": profile})
-        failed = 0
-
-        def finish(cell: CellSpec, outcome: CellOutcome) -> None:
-            nonlocal failed
-            run_dir.append(cell_records(cell, run_id, outcome.hardware_profile or profile, outcome,
-                                        attempts.get(cell.cell_id, 0) + 1))
-            failed += outcome.status == "failed"
-            emit("cell_end", {"cell": cell, "outcome": outcome})
-
-        for cell in [c for c in todo if c.cell_id in reused]:
-            emit("cell_start", {"cell": cell})
-            emit("cell_end", {"cell": cell, "outcome": reuse_reference(run_dir, cell, reused[cell.cell_id], reference_from, run_id)})
-        todo = [c for c in todo if c.cell_id not in reused]
-        runnable = [c for c in todo if c.cell_id not in the_plan.unavailable]
-        executor.prepare(runnable, profile)  # e.g. connect to Ray, check the cluster can run them
-        for cell in todo:  # unavailable cells cost nothing: recorded as skipped first
-            if cell.cell_id in the_plan.unavailable:
-                emit("cell_start", {"cell": cell})
-                finish(cell, CellOutcome("skipped", error=f"unavailable: {the_plan.unavailable[cell.cell_id]}"))
-        # the executor yields each cell as it finishes (in any order); its records are written right then
-        for cell, outcome in executor.run_many(
-                runnable, run_dir.cell_dir, on_start=lambda c: emit("cell_start", {"cell": c}),
-                progress=lambda c, d, t, w: emit("progress", {"cell": c, "done": d, "total": t, "what": w})):
-            finish(cell, outcome)
+        todo, failed = _run_cells(the_plan, todo, reused, run_dir, info["run_id"], attempts, profile, executor, emit,
+                                  reference_from)
     finally:
         executor.close()
 
+    gate_results, report, report_error = _finish_run(suite, run_dir, info, static)
+    return RunResult(run_dir, len(todo), len(the_plan.cells) - len(todo), failed, report, report_error, gate_results)
+
+
+def _write_run_info(run_dir: RunDir, suite: Suite, the_plan, previous: dict | None, reference_from: Path | None):
+    """run.json for a new run, or updated for a resumed one (its run id and start kept). Returns
+    (the run info, the hardware profile)."""
+    from harness import hardware
+    from harness.results import provenance
+
+    profile, device_name = hardware.detect(the_plan.device)
+    run_id = previous["run_id"] if previous else f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    info = {
+        "run_id": run_id,
+        "suite": suite.model_dump(mode="json"),
+        "started_at": previous.get("started_at") if previous else utc_now(),
+        "resumed_at": [*previous.get("resumed_at", []), utc_now()] if previous else [],
+        "hardware_profile": profile,
+        "device_name": device_name,
+        "provenance": provenance.collect(the_plan.device),
+        "models": the_plan.models,
+        "cells": [c.model_dump(mode="json") for c in the_plan.cells],
+        **({"reference_from": str(Path(reference_from).resolve())} if reference_from else {}),
+    }
+    if previous is None:
+        run_dir.create(info)
+    else:
+        run_dir.write_run_info(info)
+    return info, profile
+
+
+def _run_cells(the_plan, todo: list[CellSpec], reused: dict, run_dir: RunDir, run_id: str, attempts: dict[str, int],
+               profile: str, executor, emit, reference_from: Path | None) -> tuple[list[CellSpec], int]:
+    """The cells still to do: reused reference cells copied in, unavailable ones recorded as skipped,
+    the rest run by the executor; each cell's records are written as it finishes. Returns (the cells
+    this run had to do, reused ones left out; how many failed)."""
+    failed = 0
+
+    def finish(cell: CellSpec, outcome: CellOutcome) -> None:
+        nonlocal failed
+        run_dir.append(cell_records(cell, run_id, outcome.hardware_profile or profile, outcome,
+                                    attempts.get(cell.cell_id, 0) + 1))
+        failed += outcome.status == "failed"
+        emit("cell_end", {"cell": cell, "outcome": outcome})
+
+    for cell in [c for c in todo if c.cell_id in reused]:
+        emit("cell_start", {"cell": cell})
+        emit("cell_end", {"cell": cell, "outcome": reuse_reference(run_dir, cell, reused[cell.cell_id], reference_from, run_id)})
+    todo = [c for c in todo if c.cell_id not in reused]
+    runnable = [c for c in todo if c.cell_id not in the_plan.unavailable]
+    executor.prepare(runnable, profile)  # e.g. connect to Ray, check the cluster can run them
+    for cell in todo:  # unavailable cells cost nothing: recorded as skipped first
+        if cell.cell_id in the_plan.unavailable:
+            emit("cell_start", {"cell": cell})
+            finish(cell, CellOutcome("skipped", error=f"unavailable: {the_plan.unavailable[cell.cell_id]}"))
+    # the executor yields each cell as it finishes (in any order); its records are written right then
+    for cell, outcome in executor.run_many(
+            runnable, run_dir.cell_dir, on_start=lambda c: emit("cell_start", {"cell": c}),
+            progress=lambda c, d, t, w: emit("progress", {"cell": c, "done": d, "total": t, "what": w})):
+        finish(cell, outcome)
+    return todo, failed
+
+
+def _finish_run(suite: Suite, run_dir: RunDir, info: dict, static: tuple[str, ...]):
+    """The suite's gates, the finish time in run.json, then the report (a report failure is
+    returned, not raised: the records are safe). Returns (gate results, report path, report error)."""
     from harness.ci.gates import evaluate
 
     gate_results = evaluate(suite.gates, run_dir.current_records())
@@ -236,4 +260,4 @@ def run_suite(
         report = write_report(run_dir.path, static=static)
     except Exception as exc:  # noqa: BLE001 - a report bug must not cost the measured results
         report_error = f"{type(exc).__name__}: {exc}"
-    return RunResult(run_dir, len(todo), len(the_plan.cells) - len(todo), failed, report, report_error, gate_results)
+    return gate_results, report, report_error

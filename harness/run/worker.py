@@ -52,14 +52,15 @@ class Emitter:
 def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     """Run the cell in `cell_dir`; `assigned_at`: when a warm worker got it (else: process start)."""
     quiet_libraries()
+    # every import a cell needs, before `started`: their time is start-up (a warm worker has them already)
     import torch
 
     from harness.adapters import get_adapter
-    from harness.adapters.base import CalibrationSet
-    from harness.metrics import get_measurement
-    from harness.metrics.base import CellContext, MetricValue
-    from harness.metrics.meaning import MEASUREMENT_TIMING
-    from harness.metrics.scoring import cell_scorer, declare_reference_windows
+    from harness.adapters.base import CalibrationSet  # noqa: F401
+    from harness.metrics import get_measurement  # noqa: F401
+    from harness.metrics.base import CellContext, MetricValue  # noqa: F401
+    from harness.metrics.meaning import MEASUREMENT_TIMING  # noqa: F401
+    from harness.metrics.scoring import cell_scorer, declare_reference_windows  # noqa: F401
     from harness.models.zoo import load_model, resolve_model
     from harness.run.suite import CellSpec
 
@@ -73,21 +74,46 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     source = resolve_model(cell.model, prepare=False)
     model, tokenizer = load_model(source)
     load_s = time.perf_counter() - t0
-    phase = lambda name, seconds, **params: emit.values("timing", [MetricValue(  # noqa: E731 - as soon as known: kept if the cell dies later
-        name, seconds, "s", n=1, protocol="wall clock of the cell's phases (worker process)",
-        params={"warm_worker": assigned_at is not None, **params})])
+    phase = _phase_recorder(emit, assigned_at)
     phase("startup_s", max(0.0, started - (assigned_at or _process_start())))
     phase("load_s", load_s)
     adapter = get_adapter(cell.backend)
+    qmodel, spread, placement = _quantize(cell, adapter, model, tokenizer, device, emit, phase)
+    reference_model = _measure(cell, cell_dir, source, qmodel, tokenizer, device, spread, emit, phase)
+    _write_done(cell_dir, device, adapter, qmodel, reference_model, placement)
+
+
+def _phase_recorder(emit: Emitter, assigned_at: float | None):
+    """phase(name, seconds, **params): one `timing` value, written as soon as known (kept if the
+    cell dies later)."""
+    from harness.metrics.base import MetricValue
+
+    return lambda name, seconds, **params: emit.values("timing", [MetricValue(
+        name, seconds, "s", n=1, protocol="wall clock of the cell's phases (worker process)",
+        params={"warm_worker": assigned_at is not None, **params})])
+
+
+def _calibration(cell, tokenizer):
+    """The cell's calibration windows (None: its backend takes none)."""
+    if not cell.calibration:
+        return None
+    from harness.adapters.base import CalibrationSet
+    from harness.models.corpora import calibration_windows_at
+
+    c = cell.calibration
+    ids, starts, stream_tokens = calibration_windows_at(tokenizer, c["corpus"], c["n_samples"], c["seq_len"], c["seed"])
+    return CalibrationSet(c["corpus"], c["n_samples"], c["seq_len"], c["seed"], ids, starts, stream_tokens)
+
+
+def _quantize(cell, adapter, model, tokenizer, device, emit: Emitter, phase):
+    """Quantize the model (on the CPU first when it is spread over several GPUs, then placed) and
+    record its footprint and the quantization time. Returns (qmodel, spread, placement)."""
+    import torch
+
+    from harness.metrics.base import MetricValue
+
     variant = adapter.parse_variant(cell.variant_params)
-
-    calibration = None
-    if cell.calibration:
-        from harness.models.corpora import calibration_windows_at
-
-        c = cell.calibration
-        ids, starts, stream_tokens = calibration_windows_at(tokenizer, c["corpus"], c["n_samples"], c["seq_len"], c["seed"])
-        calibration = CalibrationSet(c["corpus"], c["n_samples"], c["seq_len"], c["seed"], ids, starts, stream_tokens)
+    calibration = _calibration(cell, tokenizer)
 
     emit.progress(0, 1, f"quantizing ({cell.backend}:{cell.variant})")
     spread = cell.gpus > 1 and device.type == "cuda"  # one model over several GPUs: quantize on CPU, then place
@@ -113,6 +139,16 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
     emit.values("quantize", [MetricValue("seconds", quantize_s, "s", n=1, protocol="wall clock, one run",
                                          params={"calibration": calibration.describe() if calibration else None,
                                                  **cache})])
+    return qmodel, spread, placement
+
+
+def _measure(cell, cell_dir: Path, source, qmodel, tokenizer, device, spread: bool, emit: Emitter, phase):
+    """Run the cell's measurements in order, each value written as it comes. Returns the lazy
+    reference model (None: the cell has no reference)."""
+    from harness.metrics import get_measurement
+    from harness.metrics.base import CellContext
+    from harness.metrics.meaning import MEASUREMENT_TIMING
+    from harness.metrics.scoring import cell_scorer, declare_reference_windows
 
     measure_start = time.perf_counter()
     reference_model = _reference_builder(cell, source, device, spread) if cell.reference else None
@@ -133,6 +169,12 @@ def run_cell(cell_dir: Path, assigned_at: float | None = None) -> None:
         emit.values(measurement.name, values + measurement_timing(time.perf_counter() - t0, scorer.stats.since(before)),
                     measurement.metrics + MEASUREMENT_TIMING)
     phase("measure_s", time.perf_counter() - measure_start, reference_store_bytes=scorer.record.bytes() if scorer.record else 0)
+    return reference_model
+
+
+def _write_done(cell_dir: Path, device, adapter, qmodel, reference_model, placement) -> None:
+    """done.json, written last and atomically: the cell's provenance."""
+    import torch
 
     provenance = {
         "reference_model_loaded": bool(reference_model and reference_model.built),  # outliers/sensitivity only
