@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from harness.errors import HarnessError
+from harness.models.encoders import pool, pooling_config
 from harness.weights.footprint import linear_weight_stats, module_bytes
 
 
@@ -89,7 +91,6 @@ def check_group_size(backend: str, group_size: int | None, shapes: ModelShapes) 
     group sizes that would fit (e.g. SmolLM2's 576-wide layers refuse g128; g64 and g32 fit)."""
     if group_size is None:
         return
-    from harness.errors import HarnessError
 
     targets = shapes.targets()
     for s in targets:
@@ -140,8 +141,6 @@ class QuantizedModel:
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """float32 sentence vectors (batch, dim) of a sentence encoder for a tokenized batch
         (harness.models.encoders.tokenize), pooled as the model's own pooling config says."""
-        from harness.models.encoders import pool, pooling_config
-
         hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))
 

@@ -24,6 +24,7 @@ from harness.adapters.base import (
     check_group_size,
 )
 from harness.errors import HarnessError
+from harness.models.artifacts import artifact_key, cached_build
 
 
 class CalibratedAdapter(Adapter):
@@ -47,8 +48,6 @@ class CalibratedAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.models.artifacts import artifact_key, cached_build
-
         if calibration is None:
             raise HarnessError(f"{self.name}: needs a calibration set (the suite's `calibration:`)")
         device = torch.device(device)

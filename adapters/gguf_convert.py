@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.models.zoo import cache_root
 
 CONVERTER_ENV = "QHARNESS_CONVERT_HF_TO_GGUF"
 # sha256 of the llama-cpp-python sdists the converter is taken from, by version (PyPI's files);
@@ -82,7 +83,6 @@ def ensure_converter() -> Path:
         if not path.is_file():
             raise HarnessError(f"llamacpp: {CONVERTER_ENV}={override} is not a file")
         return path
-    from harness.models.zoo import cache_root
 
     version = llama_cpp_version()
     dest = cache_root() / f"llama.cpp-{version}"

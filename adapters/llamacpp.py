@@ -51,7 +51,9 @@ import torch
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
 from harness.adapters.gguf_convert import CONVERTER_ENV, llama_cpp_version, convert_to_f16, ensure_converter  # noqa: F401 (re-exported)
+from harness.adapters.llamacpp_cpu import choose_buffers, system_info
 from harness.errors import HarnessError
+from harness.models.zoo import cache_root
 
 _LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
@@ -90,8 +92,6 @@ def _hf_dir(source: Any) -> Path:
 
 
 def model_dir(source: Any) -> Path:
-    from harness.models.zoo import cache_root
-
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-")[:60]
     key = [str(source.path)]
     folder = Path(source.path)
@@ -300,8 +300,6 @@ class LlamaCppAdapter(Adapter):
     def environment_notes(self, device: str) -> list[str]:
         """llama.cpp's CPU features and its weight-buffer decision for the embedded GGUF (probed
         now if this machine has not decided yet; other files are decided at first use)."""
-        from harness.adapters.llamacpp_cpu import choose_buffers, system_info
-
         lines = [f"llamacpp: {system_info()}"]
         if str(device).startswith("cuda"):
             return lines + ["llamacpp: weights on the GPU (every layer offloaded): no CPU buffer decision"]

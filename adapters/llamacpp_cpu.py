@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.adapters.gguf_convert import llama_cpp_version
 from harness.errors import HarnessError
+from harness.models.zoo import cache_root
 from harness.results.provenance import cpu_flags
 
 PROBE_TIMEOUT_S = 180
@@ -114,9 +116,6 @@ def choose_buffers(path: str | Path) -> BufferChoice:
     """Whether llama.cpp may use its extra (repack/AMX) weight buffers for this file on this CPU:
     from the cache, else probed in child processes. Raises HarnessError when llama.cpp cannot
     decode the file here with either kind of buffer."""
-    from harness.adapters.gguf_convert import llama_cpp_version
-    from harness.models.zoo import cache_root
-
     path = Path(path)
     features = system_info()
     key = _key(path, features, llama_cpp_version())

@@ -33,8 +33,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from harness.adapters import get_adapter
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.hqq_backend import HQQQuantizedModel
 from harness.adapters.linears import linear_names, replace_module
+from harness.adapters.rtn import RTNLinear
 from harness.errors import HarnessError
 
 FLOAT = "float"
@@ -108,8 +111,6 @@ def resolve(variant: MixedVariant, names: list[str]) -> dict[str, Params]:
 
 
 def _apply_rtn(model, plan, default, device) -> QuantizedModel:
-    from harness.adapters.rtn import RTNLinear
-
     for name, v in plan.items():
         if v is not None:
             replace_module(model, name, RTNLinear.from_linear(model.get_submodule(name), v, device))
@@ -118,8 +119,6 @@ def _apply_rtn(model, plan, default, device) -> QuantizedModel:
 
 def _apply_hqq(model, plan, default, device) -> QuantizedModel:
     from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
-
-    from harness.adapters.hqq_backend import HQQQuantizedModel
 
     dtypes = {v.compute_dtype for v in plan.values() if v is not None}
     if len(dtypes) > 1:
@@ -189,8 +188,6 @@ class MixedPrecisionAdapter(Adapter):
     packages: ClassVar[tuple[str, ...]] = ("hqq", "llama-cpp-python")
 
     def _base(self, variant: MixedVariant):
-        from harness.adapters import get_adapter
-
         return get_adapter(variant.base)
 
     def _parse(self, variant: MixedVariant, params: Params):

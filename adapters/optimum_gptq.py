@@ -24,6 +24,7 @@ from harness.adapters.base import (
     VariantConfig,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
+from harness.adapters.gptqmodel_backend import keep_logs_in
 
 
 class OptimumGPTQVariant(VariantConfig):
@@ -58,8 +59,6 @@ class OptimumGPTQAdapter(CalibratedAdapter):
               calibration: CalibrationSet, device: torch.device, folder: Path) -> None:
         assert isinstance(variant, OptimumGPTQVariant)
         from optimum.gptq import GPTQQuantizer
-
-        from harness.adapters.gptqmodel_backend import keep_logs_in
 
         keep_logs_in(folder)  # optimum runs gptqmodel underneath
 

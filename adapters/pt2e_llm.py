@@ -63,6 +63,7 @@ from pydantic import Field, model_validator
 
 from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig,
                                    all_available)
+from harness.adapters.linears import linear_names
 from harness.adapters.pt2e import PT2E_MODULE, QUANTIZER_MODULE, count_converted, distinct_bytes, graph_tensors
 from harness.adapters.torch_static import calibrate
 from harness.errors import HarnessError
@@ -225,8 +226,6 @@ class PT2ELLMAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.adapters.linears import linear_names
-
         assert isinstance(variant, PT2ELLMVariant)
         if torch.device(device).type != "cpu":
             raise HarnessError("pt2e-llm: X86InductorQuantizer targets x86 CPUs; use device: cpu")

@@ -26,6 +26,7 @@ from harness.adapters.base import (
     QuantizedModel,
     VariantConfig,
 )
+from harness.adapters.vision_model import as_vision_model
 from harness.errors import HarnessError
 from harness.weights.footprint import linear_weight_stats, module_bytes
 
@@ -138,7 +139,6 @@ class TorchDynamicInt8Adapter(Adapter):
         cls = _dynamic_linear_type()
         n = sum(isinstance(m, cls) for m in model.modules())
         engine = torch.backends.quantized.engine
-        from harness.adapters.vision_model import as_vision_model
 
         return as_vision_model(DynamicInt8Model(model, device, info={
             "kernel": f"torch.ao dynamic quantized Linear ({engine})",

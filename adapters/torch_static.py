@@ -28,7 +28,9 @@ import torch
 from pydantic import Field
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.vision_model import VisionModel
 from harness.errors import HarnessError
+from harness.models.vision import FUSE_GROUPS, calibration_images
 
 ENGINES = ("x86", "fbgemm")
 _CPU_ONLY = "eager quantized kernels (fbgemm / x86) run on the CPU only"
@@ -68,7 +70,6 @@ def fuse_groups(model: torch.nn.Module) -> list[list[str]]:
     if getattr(source, "task", None) != "vision":
         raise HarnessError("eager static INT8 needs a model written for it (QuantStub, fusable conv+bn+relu): "
                            "the vision models (e.g. builtin:digits-cnn)")
-    from harness.models.vision import FUSE_GROUPS
 
     return [list(g) for g in FUSE_GROUPS]
 
@@ -114,9 +115,6 @@ class TorchStaticAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.adapters.vision_model import VisionModel
-        from harness.models.vision import calibration_images
-
         assert isinstance(variant, StaticVariant)
         if torch.device(device).type != "cpu":
             raise HarnessError(f"torch-static: {_CPU_ONLY}; use device: cpu")

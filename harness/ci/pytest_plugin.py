@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.errors import HarnessError
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("qharness", "qharness gates as test items")
@@ -67,7 +69,6 @@ class RunGates(pytest.Collector):
 
     def collect(self):
         from harness.ci.check import check_run
-        from harness.errors import HarnessError
 
         opt = self.config.getoption
         try:
@@ -85,7 +86,6 @@ def _run_dir(config: pytest.Config) -> Path:
     run = config.getoption("qharness_run")
     if run:
         return Path(run)
-    from harness.errors import HarnessError
     from harness.run.runner import run_suite
     from harness.run.suite import load_suite
 

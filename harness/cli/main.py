@@ -11,8 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness.adapters import BACKENDS, get_adapter
 from harness.cli.base import EXIT_USER_ERROR, app, console, err_console, user_errors  # noqa: F401 - EXIT_USER_ERROR is part of the CLI's API
+from harness.cli.run_view import LOG_WIDTH, failure_lines, progress_events, summary_table
 from harness.errors import HarnessError
+from harness.models.zoo import quiet_libraries
+from harness.reports.static_figures import check_formats
 
 
 class ListWhat(str, Enum):
@@ -42,7 +46,6 @@ def run(
 ):
     """Run a suite: every model x backend variant in its own process, then write the HTML report.
     Exits 1 if a cell failed (unless --allow-failed-cells) or a gate failed, 2 on bad input."""
-    from harness.cli.run_view import failure_lines
     from harness.run.runner import run_suite
     from harness.run.suite import load_suite
 
@@ -89,16 +92,12 @@ def _print_gates(gates) -> None:
 
 
 def _run_with_progress(run_suite, spec, out, model, backend, device, resume, executor=None, reference_from=None, static=()):
-    from harness.cli.run_view import progress_events
-
     with progress_events(err_console, "planning (first use converts the embedded model, ~1 min)") as on_event:
         return run_suite(spec, out=out, models=model, backends=backend, device=device, resume=resume, executor=executor,
                          on_event=on_event, reference_from=reference_from, static=static)
 
 
 def _print_summary(run_dir) -> None:
-    from harness.cli.run_view import LOG_WIDTH, summary_table
-
     terminal = console.is_terminal
     out = console if terminal else Console(width=LOG_WIDTH, file=console.file, color_system=None)
     out.print(summary_table(run_dir, terminal))
@@ -157,7 +156,6 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory"),
            static: Optional[list[str]] = typer.Option(None, "--static", help=STATIC_HELP)):
     """(Re)write report.html for a run directory."""
     from harness.reports.html import write_report
-    from harness.reports.static_figures import check_formats
     from harness.results.run_dir import RunDir
 
     with user_errors():
@@ -173,7 +171,6 @@ def env(device: str = typer.Option("auto", help="device to check backends agains
     """Device, hardware profile, versions, and every backend's availability (or why not)."""
     from harness import hardware
     from harness.results import provenance
-    from harness.adapters import BACKENDS, get_adapter
     from harness.run.planner import resolve_device
 
     with user_errors():
@@ -216,8 +213,6 @@ from harness.cli import ci_commands  # noqa: E402,F401 - registers compare / che
 
 
 def main() -> None:
-    from harness.models.zoo import quiet_libraries
-
     quiet_libraries()
     try:
         app()

@@ -26,6 +26,8 @@ from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import quality
 from harness.metrics.paired import MDE_PROTOCOL, accuracy_mde, flips, wilson
+from harness.models.vision import dataset_of
+from harness.models.zoo import resolve_model
 
 PROTOCOL = "top-1 on the held-out test split (hash split of the training recipe)"
 FILE = "classification.npz"
@@ -105,9 +107,6 @@ class Classification(Measurement):
     )
 
     def run(self, ctx: CellContext, params: ClassificationParams) -> list[MetricValue]:
-        from harness.models.zoo import resolve_model
-        from harness.models.vision import dataset_of
-
         source = resolve_model(ctx.model_name, prepare=False)
         images, labels = dataset_of(source, params.split)
         sha1 = hashlib.sha1(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()

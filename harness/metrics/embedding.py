@@ -25,6 +25,7 @@ from pydantic import Field
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec, quality
+from harness.models.encoders import tokenize
 
 COSINE_PERCENTILES = (50, 5, 1)
 PROTOCOL = "boolq-questions-to-passages"
@@ -59,8 +60,6 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
 
 
 def embed_texts(qmodel: Any, tokenizer: Any, texts: list[str], batch_size: int, progress=None) -> np.ndarray:
-    from harness.models.encoders import tokenize
-
     out = []
     for start in range(0, len(texts), batch_size):
         out.append(qmodel.embed(tokenize(tokenizer, texts[start : start + batch_size])).float().numpy())

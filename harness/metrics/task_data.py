@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, unknown
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,6 @@ TASKS: dict[str, TaskSpec] = {
 
 def parse_task(spec: str) -> tuple[str, int]:
     """'mmlu:5' -> ('mmlu', 5); 'hellaswag' -> ('hellaswag', 0)."""
-    from harness.errors import unknown
-
     name, _, shots = spec.partition(":")
     if name not in TASKS:
         raise unknown("task", name, sorted(TASKS))

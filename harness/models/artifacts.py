@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
+from harness.models.zoo import cache_root
+
 CACHE_FORMAT = 1
 META = "qharness-artifact.json"
 
 
 def artifacts_root() -> Path:
-    from harness.models.zoo import cache_root
-
     return cache_root() / "artifacts"
 
 

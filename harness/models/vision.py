@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.models.zoo import ModelSource, cache_root
 
 TASK = "vision"
 NAME = "builtin:digits-cnn"
@@ -196,8 +197,6 @@ def train(recipe: dict[str, Any] = RECIPE):
 
 
 def _folder(recipe: dict[str, Any]) -> Path:
-    from harness.models.zoo import cache_root
-
     return cache_root() / "models" / f"digits-cnn-{recipe_hash(recipe)}"
 
 
@@ -219,8 +218,6 @@ def _train_and_cache(dest: Path, recipe: dict[str, Any]) -> None:
 
 
 def builtin_digits_cnn(prepare: bool, recipe: dict[str, Any] = RECIPE):
-    from harness.models.zoo import ModelSource
-
     dest = _folder(recipe)
     if prepare and not (dest / "config.json").exists():
         _train_and_cache(dest, recipe)

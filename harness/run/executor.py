@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.errors import HarnessError
+from harness.metrics import get_measurement
 from harness.run import worker
 from harness.registry import Registry
 from harness.run.suite import CellSpec
@@ -139,8 +141,6 @@ class LocalExecutor(Executor):
         self._spares: list[tuple[subprocess.Popen, Path]] = []
 
     def prepare(self, cells: list[CellSpec], profile: str) -> None:
-        from harness.errors import HarnessError
-
         pinned = {c.hardware for c in cells if c.hardware} - {profile}
         if pinned:
             raise HarnessError(f"the suite pins hardware '{sorted(pinned)[0]}' but this machine is '{profile}' "
@@ -161,8 +161,6 @@ class LocalExecutor(Executor):
     def run_many(self, cells, cell_dir, on_start=None, progress=None):
         """As Executor.run_many, with the next cell's worker warming up beside the current cell
         (unless the current cell is timed) and the first one beside the driver's planning."""
-        from harness.metrics import get_measurement
-
         cuda = any(c.device == "cuda" for c in cells)
         timed = [any(get_measurement(m["name"]).timed for m in c.measurements) for c in cells]
         ahead = 1 if any(timed) else self.ahead

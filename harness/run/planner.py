@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from harness.adapters import get_adapter
 from harness.errors import HarnessError
+from harness.metrics import get_measurement
+from harness.models.zoo import model_fingerprint, model_shapes, resolve_model
 from harness.run.suite import CellSpec, Suite, cell_id_for, explain_validation
 
 
@@ -32,8 +35,6 @@ def resolve_device(requested: str) -> str:
 
 
 def _validated_measurements(suite: Suite) -> list[dict]:
-    from harness.metrics import get_measurement
-
     out = []
     for i, spec in enumerate(suite.measurements):
         measurement = get_measurement(spec.name)
@@ -47,9 +48,6 @@ def _validated_measurements(suite: Suite) -> list[dict]:
 
 def plan(suite: Suite, models: list[str] | None = None, backends: list[str] | None = None,
          device: str | None = None) -> Plan:
-    from harness.adapters import get_adapter
-    from harness.models.zoo import model_fingerprint, model_shapes, resolve_model
-
     device = resolve_device(device or suite.device)
     if suite.hardware:
         from harness.hardware import profiles
@@ -129,7 +127,6 @@ def _check_corpora(suite: Suite, measurements: list[dict], parsed: list) -> None
     calibrated variant's corpus can be had here (files exist, packages are installed), before any
     model loads."""
     from harness.models.corpora import check_corpus
-    from harness.metrics import get_measurement
 
     for i, spec in enumerate(measurements):
         measurement = get_measurement(spec["name"])
@@ -151,7 +148,6 @@ def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed
     measurements and calibrated quantizers (no tokenizer, no real text) are refused in one line."""
     if source.kind != "shape":
         return
-    from harness.metrics import get_measurement
 
     quality = [m["name"] for m in measurements
                if get_measurement(m["name"]).needs_real_weights or get_measurement(m["name"]).needs_tokenizer]
@@ -167,8 +163,6 @@ def _check_random_weights(suite: Suite, source, measurements: list[dict], parsed
 def _check_tasks(suite: Suite, model: str, task: str, measurements: list[dict], parsed: list) -> None:
     """One line when a backend or measurement cannot handle this kind of model (e.g. perplexity
     on a sentence encoder), before any model loads."""
-    from harness.metrics import get_measurement
-
     for spec in measurements:
         tasks = get_measurement(spec["name"]).tasks
         if task not in tasks:

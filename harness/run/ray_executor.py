@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import hardware
 from harness.run import worker
 from harness.errors import HarnessError
+from harness.metrics import get_measurement
 from harness.run.executor import (CellDirFn, CellOutcome, CellProgressFn, Executor, LocalExecutor, StartFn,
                               WorkerExit, collect_outcome)
+from harness.run.planner import resolve_device
 from harness.run.suite import CellSpec
 
 HW_PREFIX = "hw:"
@@ -111,9 +114,6 @@ def _node_info(cell: CellSpec) -> dict[str, Any]:
 
 def node_resources(device: str = "auto") -> dict[str, float]:
     """This machine's hardware-profile label for `ray start --resources` (one unit per node)."""
-    from harness import hardware
-    from harness.run.planner import resolve_device
-
     profile, _ = hardware.detect(resolve_device(device))
     return {f"{HW_PREFIX}{profile}": 1.0}
 
@@ -192,7 +192,6 @@ class RayExecutor(Executor):
                 self._model_bytes[cell.model] = -1
         if self._model_bytes[cell.model] < 0:
             return 0
-        from harness.metrics import get_measurement
 
         both = cell.reference and any(get_measurement(m["name"]).needs_reference_model for m in cell.measurements)
         copies = 2 if both else 1

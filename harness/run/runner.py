@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from harness import hardware
+from harness.ci.gates import evaluate
 from harness.errors import HarnessError
+from harness.results import provenance
 from harness.run.executor import CellOutcome, LocalExecutor
 from harness.results.records import CellIdentity, Record, utc_now
 from harness.results.run_dir import RunDir
+from harness.run.planner import plan as make_plan
 from harness.run.suite import CellSpec, Suite
 
 
@@ -155,8 +159,6 @@ def run_suite(
     `reference_from`: a run whose finished reference cells (same cell, same model files) are
     copied in instead of being run again. `static`: formats for static copies of the report's
     figures (reports.static_figures)."""
-    from harness.run.planner import plan as make_plan
-
     emit = on_event or (lambda kind, data: None)
     out = Path(out) if out else default_out(suite)
     run_dir, previous = prepare_run_dir(out, resume)
@@ -188,9 +190,6 @@ def run_suite(
 def _write_run_info(run_dir: RunDir, suite: Suite, the_plan, previous: dict | None, reference_from: Path | None):
     """run.json for a new run, or updated for a resumed one (its run id and start kept). Returns
     (the run info, the hardware profile)."""
-    from harness import hardware
-    from harness.results import provenance
-
     profile, device_name = hardware.detect(the_plan.device)
     run_id = previous["run_id"] if previous else f"{suite.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     info = {
@@ -247,8 +246,6 @@ def _run_cells(the_plan, todo: list[CellSpec], reused: dict, run_dir: RunDir, ru
 def _finish_run(suite: Suite, run_dir: RunDir, info: dict, static: tuple[str, ...]):
     """The suite's gates, the finish time in run.json, then the report (a report failure is
     returned, not raised: the records are safe). Returns (gate results, report path, report error)."""
-    from harness.ci.gates import evaluate
-
     gate_results = evaluate(suite.gates, run_dir.current_records())
     info["finished_at"] = utc_now()
     info["gates"] = [vars(g) for g in gate_results]

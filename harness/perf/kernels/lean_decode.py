@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from harness.perf.decode import DecodeTiming, capture_and_time, static_cache_len
+from harness.weights.footprint import tensor_bytes
+
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -154,8 +157,6 @@ class LeanDecoder:
     def weight_bytes(self) -> int:
         """Bytes of the weights one decode step reads (fused copies, modules' storage as stored,
         quantized tensors opened; the embedding table is not read, only one row of it)."""
-        from harness.weights.footprint import tensor_bytes
-
         tensors = [self.norm, *self.lm_head.parameters()]
         for lay in self.layers:
             for w in (lay.ln1, lay.wqkv, lay.wo, lay.ln2, lay.w13, lay.w2):
@@ -258,8 +259,6 @@ def lean_graph_decode(model, input_ids: torch.Tensor, new_tokens: int, compile: 
     """Like harness.perf.decode.graph_decode, through the lean decoder: prefill, then one captured
     CUDA graph per decode step (argmax and position update inside), each replay timed with events.
     `after_replays(graph)`: called once the timed replays are done (e.g. to profile a few more)."""
-    from harness.perf.decode import DecodeTiming, capture_and_time, static_cache_len
-
     if input_ids.device.type != "cuda":
         raise RuntimeError("graph-captured decode needs a CUDA device")
     batch, context = input_ids.shape

@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from harness.perf.decode import capture, replay_seconds
+
 try:  # optional: the kernels need Triton (a CUDA build of torch brings it; tests use its interpreter)
     import triton
     import triton.language as tl
@@ -272,8 +274,6 @@ def _launch_gemv(config, w, x, norm, bias, residual, out, eps, gated, compile_on
 
 def _graph_seconds(fn, replays: int = 5) -> float:
     """Median seconds of one replay of `fn` captured as a CUDA graph (after one warm-up run)."""
-    from harness.perf.decode import capture, replay_seconds
-
     graph = capture(fn, warmup=1)
     graph.replay()
     return sorted(replay_seconds(graph, replays))[replays // 2]
