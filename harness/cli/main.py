@@ -46,6 +46,7 @@ def run(
 ):
     """Run a suite: every model x backend variant in its own process, then write the HTML report.
     Exits 1 if a cell failed (unless --allow-failed-cells) or a gate failed, 2 on bad input."""
+    # lazy: CLI start-up stays free of pydantic, yaml
     from harness.run.runner import run_suite
     from harness.run.suite import load_suite
 
@@ -155,6 +156,7 @@ def list_(what: ListWhat = typer.Argument(..., help="suites, backends, models, m
 def report(run_dir: Path = typer.Argument(..., help="a run directory"),
            static: Optional[list[str]] = typer.Option(None, "--static", help=STATIC_HELP)):
     """(Re)write report.html for a run directory."""
+    # lazy: CLI start-up stays free of jinja2, markupsafe, pandas, plotly, pydantic
     from harness.reports.html import write_report
     from harness.results.run_dir import RunDir
 
@@ -169,6 +171,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory"),
 @app.command()
 def env(device: str = typer.Option("auto", help="device to check backends against: auto, cpu or cuda")):
     """Device, hardware profile, versions, and every backend's availability (or why not)."""
+    # lazy: CLI start-up stays free of importlib.metadata, pydantic, yaml
     from harness import hardware
     from harness.results import provenance
     from harness.run.planner import resolve_device

@@ -25,6 +25,7 @@ from pydantic import Field
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec, quality
+from harness.models.corpora import data_file, is_calibration
 from harness.models.encoders import tokenize
 
 COSINE_PERCENTILES = (50, 5, 1)
@@ -41,8 +42,6 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
     validation examples whose passage is in the eval split; file order, deterministic."""
     import pyarrow as pa
     import pyarrow.ipc
-
-    from harness.models.corpora import data_file, is_calibration
 
     path = data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()

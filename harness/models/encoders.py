@@ -140,6 +140,7 @@ def encoder_shapes(source):
     import torch
     from transformers import AutoConfig, AutoModel
 
+    # lazy: `import harness.models.encoders` stays free of pydantic, torch
     from harness.adapters.base import LinearShape, ModelShapes
 
     try:

@@ -251,6 +251,7 @@ def vision_shapes(source):
 
     import torch
 
+    # lazy: `import harness.models.vision` stays free of pydantic, torch
     from harness.adapters.base import LinearShape, ModelShapes
 
     with torch.device("meta"):

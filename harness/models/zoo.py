@@ -182,6 +182,7 @@ def _byte_tokenizer():
 def _encoder(name: str):
     """Resolver of a sentence encoder defined in harness.models.encoders (imported when chosen)."""
     def resolve(prepare: bool) -> ModelSource:
+        # lazy: a cycle at module level (harness.models.encoders imports this module)
         from harness.models import encoders
 
         return encoders.builtin_minilm(prepare) if name.startswith("builtin:") else encoders.tiny_bert(name, prepare)
@@ -191,6 +192,7 @@ def _encoder(name: str):
 
 def _digits_cnn(prepare: bool) -> ModelSource:
     """The vision model (harness.models.vision): trained on first use (seconds), cached by its recipe."""
+    # lazy: a cycle at module level (harness.models.vision imports this module)
     from harness.models.vision import builtin_digits_cnn
 
     return builtin_digits_cnn(prepare)
@@ -297,6 +299,7 @@ def model_shapes(source: ModelSource):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # lazy: `import harness.models.zoo` stays free of pydantic, torch
     from harness.adapters.base import LinearShape, ModelShapes
 
     if source.task == "encoder":

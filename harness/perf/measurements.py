@@ -49,6 +49,7 @@ def run_ceilings(ctx: CellContext, quick: bool = False) -> tuple[dict[str, dict]
 
 
 def _datasheet(device: str) -> tuple[str, object]:
+    # lazy: `import harness.perf.measurements` stays free of yaml
     from harness import hardware
 
     try:

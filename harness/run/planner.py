@@ -126,6 +126,7 @@ def _check_corpora(suite: Suite, measurements: list[dict], parsed: list) -> None
     """What every measurement reads (`Measurement.check_inputs`: corpora, task files) and every
     calibrated variant's corpus can be had here (files exist, packages are installed), before any
     model loads."""
+    # lazy: `import harness.run.planner` stays free of torch
     from harness.models.corpora import check_corpus
 
     for i, spec in enumerate(measurements):

@@ -118,6 +118,7 @@ class LeanDecoder:
     def _check_triton(self, batch: int) -> None:
         """The fused Triton step (harness.perf.kernels.triton_decode) covers one layout only: say which
         part of this model falls outside it, in one line, rather than run something else."""
+        # lazy: `import harness.perf.kernels.lean_decode` stays free of triton
         from harness.perf.kernels import triton_decode
 
         why = triton_decode.available()
@@ -138,6 +139,7 @@ class LeanDecoder:
     def tune_triton(self) -> dict:
         """Tune each GEMV of the fused step over all layers' matrices of its kind (cold, as the
         step reads them; random inputs): {kind: (BLOCK_N, BLOCK_K, warps, stages, s a launch)}."""
+        # lazy: `import harness.perf.kernels.lean_decode` stays free of triton
         from harness.perf.kernels import triton_decode
 
         def vec(n):
@@ -186,6 +188,7 @@ class LeanDecoder:
 
     def _triton_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token through the fused kernels: five launches a layer (triton_decode's docstring)."""
+        # lazy: `import harness.perf.kernels.lean_decode` stays free of triton
         from harness.perf.kernels.triton_decode import decode_attention, gemv
 
         x = F.embedding(ids.view(1), self.embed).view(-1)
