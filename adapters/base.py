@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from harness.storage import linear_weight_stats, module_bytes
+from harness.errors import HarnessError
+from harness.models.encoders import pool, pooling_config
+from harness.weights.footprint import linear_weight_stats, module_bytes
 
 
 class VariantConfig(BaseModel):
@@ -77,7 +79,7 @@ class ModelShapes:
     linears: tuple[LinearShape, ...]
     hidden_size: int | None = None
     architecture: str | None = None
-    source: Any = field(default=None, compare=False)  # harness.models.ModelSource: where weights come from
+    source: Any = field(default=None, compare=False)  # harness.models.zoo.ModelSource: where weights come from
     task: str = "causal-lm"  # or "encoder": adapters and measurements declare which they handle
 
     def targets(self, skip: tuple[str, ...] = ("lm_head",)) -> list[LinearShape]:
@@ -89,7 +91,6 @@ def check_group_size(backend: str, group_size: int | None, shapes: ModelShapes) 
     group sizes that would fit (e.g. SmolLM2's 576-wide layers refuse g128; g64 and g32 fit)."""
     if group_size is None:
         return
-    from harness.errors import HarnessError
 
     targets = shapes.targets()
     for s in targets:
@@ -139,9 +140,7 @@ class QuantizedModel:
     @torch.inference_mode()
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """float32 sentence vectors (batch, dim) of a sentence encoder for a tokenized batch
-        (harness.encoders.tokenize), pooled as the model's own pooling config says."""
-        from harness.encoders import pool, pooling_config
-
+        (harness.models.encoders.tokenize), pooled as the model's own pooling config says."""
         hidden = self.module(**{k: v.to(self.device) for k, v in batch.items()}).last_hidden_state
         return pool(hidden.float().cpu(), batch["attention_mask"], **pooling_config(self.module))
 

@@ -1,6 +1,6 @@
 """Shared shape of the calibrated quantizers (GPTQ, AWQ, SmoothQuant): quantize once with the
 library's own algorithm, save with the library's own serializer into the artifact cache
-(harness/artifacts.py), and load back with the library's own loader for measurement.
+(harness/models/artifacts.py), and load back with the library's own loader for measurement.
 
 Loading back even right after quantizing is deliberate: the model that is measured is always the
 saved artifact, so a cache hit and a miss measure the same thing, and a serializer that loses
@@ -24,6 +24,7 @@ from harness.adapters.base import (
     check_group_size,
 )
 from harness.errors import HarnessError
+from harness.models.artifacts import artifact_key, cached_build
 
 
 class CalibratedAdapter(Adapter):
@@ -47,14 +48,12 @@ class CalibratedAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.artifacts import artifact_key, cached_build
-
         if calibration is None:
             raise HarnessError(f"{self.name}: needs a calibration set (the suite's `calibration:`)")
         device = torch.device(device)
         source = getattr(model, "qharness_source", None)
         if source is None:
-            raise HarnessError(f"{self.name}: the model has no source folder (load it with harness.models.load_model)")
+            raise HarnessError(f"{self.name}: the model has no source folder (load it with harness.models.zoo.load_model)")
         key = artifact_key(source, self.name, variant.model_dump(mode="json"), calibration,
                            self.versions(), device.type)
 

@@ -32,10 +32,11 @@ from pydantic import Field
 
 from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig,
                                    all_available)
-from harness.adapters.vision_model import require_vision
+from harness.adapters.vision_model import require_vision, weight_layer_stats
 from harness.adapters.pt2e import PT2E_MODULE, count_converted
 from harness.adapters.torch_static import calibrate, check_calibration_size
 from harness.adapters.vision_model import VisionModel
+from harness.models.vision import calibration_images, example_input
 
 QUANTIZER_MODULE = "executorch.backends.xnnpack.quantizer.xnnpack_quantizer"
 PARTITIONER_MODULE = "executorch.backends.xnnpack.partition.xnnpack_partitioner"
@@ -107,9 +108,6 @@ class ExecuTorchAdapter(Adapter):
 
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes.sym_shape_eval_pass import HintBasedSymShapeEvalPass
-
-        from harness.adapters.vision_model import weight_layer_stats
-        from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, ExecuTorchVariant)
         require_vision(model, "executorch")

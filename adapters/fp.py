@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 import torch
 
 from harness.adapters.base import Adapter, CalibrationSet, QuantizedModel, VariantConfig
+from harness.adapters.vision_model import as_vision_model
 
 _LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -37,6 +38,5 @@ class FloatAdapter(Adapter):
         assert isinstance(variant, FloatVariant)
         dtype = getattr(torch, variant.dtype)
         model = model.to(device=device, dtype=dtype)
-        from harness.adapters.vision_model import as_vision_model
 
         return as_vision_model(QuantizedModel(model, torch.device(device), info={"kernel": "torch F.linear", "dtype": variant.dtype}))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.models.zoo import cache_root
 
 CONVERTER_ENV = "QHARNESS_CONVERT_HF_TO_GGUF"
 # sha256 of the llama-cpp-python sdists the converter is taken from, by version (PyPI's files);
@@ -33,7 +34,7 @@ _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/
 
 # --- the converter ---------------------------------------------------------------------------------
 
-def _llama_cpp_version() -> str:
+def llama_cpp_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -82,9 +83,8 @@ def ensure_converter() -> Path:
         if not path.is_file():
             raise HarnessError(f"llamacpp: {CONVERTER_ENV}={override} is not a file")
         return path
-    from harness.models import cache_root
 
-    version = _llama_cpp_version()
+    version = llama_cpp_version()
     dest = cache_root() / f"llama.cpp-{version}"
     script = dest / "convert_hf_to_gguf.py"
     if script.is_file():

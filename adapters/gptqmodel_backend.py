@@ -59,7 +59,7 @@ def _cpu_workers() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 4)))
 
 
-def _keep_logs_in(folder: Path) -> None:
+def keep_logs_in(folder: Path) -> None:
     """GPTQModel 7.x writes per-layer quantization logs to a relative `logs/` folder, i.e. into
     whatever directory the user ran `harness` from; point it at the artifact being built instead."""
     try:
@@ -101,7 +101,7 @@ class GPTQModelAdapter(CalibratedAdapter):
             config = AWQConfig(**common)
         else:
             config = QuantizeConfig(**common, desc_act=variant.desc_act, damp_percent=variant.damp_percent)
-        _keep_logs_in(folder)
+        keep_logs_in(folder)
         dtype = torch.float32 if device.type == "cpu" else torch.float16
         # GPTQModel loads the float weights itself (from the same folder the harness loaded)
         wrapped = GPTQModel.load(source.path, config, device=str(device), dtype=dtype)

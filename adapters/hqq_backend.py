@@ -30,7 +30,7 @@ from harness.adapters.base import (
 )
 from harness.adapters.linears import replace_linears
 from harness.errors import HarnessError
-from harness.storage import tensor_bytes
+from harness.weights.footprint import tensor_bytes
 
 
 class HQQVariant(VariantConfig):

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from harness.adapters import get_adapter
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
 from harness.errors import HarnessError
 
@@ -59,8 +60,6 @@ class KVCacheVariant(VariantConfig):
 
 
 def _base_adapter(variant: KVCacheVariant):
-    from harness.adapters import get_adapter
-
     return get_adapter(variant.base)
 
 

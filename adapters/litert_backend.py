@@ -46,9 +46,11 @@ import torch
 from pydantic import Field
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
-from harness.adapters.vision_model import require_vision
+from harness.adapters.pt2e import count_converted
+from harness.adapters.vision_model import require_vision, weight_layer_stats
 from harness.adapters.torch_static import calibrate, check_calibration_size
 from harness.adapters.vision_model import VisionModel
+from harness.models.vision import calibration_images, example_input
 
 UNAVAILABLE = ("litert-torch is not installed, and cannot be beside the pinned stack: pip: 'xdsl 0.28.0 depends on "
                "typing-extensions<4.13 and >=4.7' (litert-torch 0.10.0 -> litert-converter 0.5.0 -> xdsl) vs "
@@ -162,10 +164,6 @@ class LiteRTAdapter(Adapter):
         import importlib
 
         import litert_torch
-
-        from harness.adapters.pt2e import count_converted
-        from harness.adapters.vision_model import weight_layer_stats
-        from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, LiteRTVariant)
         require_vision(model, "litert")

@@ -2,7 +2,7 @@
 quantizer (`llama_model_quantize`) and llama.cpp's own logits, on the token ids the harness
 gives every backend (the HF tokenizer's; llama.cpp's tokenizer is never used).
 
-Pipeline, each step cached under `harness.models.cache_root()`:
+Pipeline, each step cached under `harness.models.zoo.cache_root()`:
 
 1. `ensure_converter()`: llama.cpp's `convert_hf_to_gguf.py` is in neither the `gguf` wheel nor
    the llama-cpp-python wheel, only in the llama-cpp-python sdist (vendor/llama.cpp/). The sdist of
@@ -50,8 +50,10 @@ import numpy as np
 import torch
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
-from harness.adapters.gguf_convert import CONVERTER_ENV, _llama_cpp_version, convert_to_f16, ensure_converter  # noqa: F401 (re-exported)
+from harness.adapters.gguf_convert import CONVERTER_ENV, llama_cpp_version, convert_to_f16, ensure_converter  # noqa: F401 (re-exported)
+from harness.adapters.llamacpp_cpu import choose_buffers, system_info
 from harness.errors import HarnessError
+from harness.models.zoo import cache_root
 
 _LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
@@ -89,9 +91,7 @@ def _hf_dir(source: Any) -> Path:
         raise HarnessError(f"llamacpp: no local folder for model '{source.name}' ({type(exc).__name__})") from None
 
 
-def _model_dir(source: Any) -> Path:
-    from harness.models import cache_root
-
+def model_dir(source: Any) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.name).strip("-")[:60]
     key = [str(source.path)]
     folder = Path(source.path)
@@ -300,13 +300,11 @@ class LlamaCppAdapter(Adapter):
     def environment_notes(self, device: str) -> list[str]:
         """llama.cpp's CPU features and its weight-buffer decision for the embedded GGUF (probed
         now if this machine has not decided yet; other files are decided at first use)."""
-        from harness.adapters.llamacpp_cpu import choose_buffers, system_info
-
         lines = [f"llamacpp: {system_info()}"]
         if str(device).startswith("cuda"):
             return lines + ["llamacpp: weights on the GPU (every layer offloaded): no CPU buffer decision"]
         try:
-            from harness.models import resolve_model
+            from harness.models.zoo import resolve_model
 
             gguf = resolve_model("builtin:smollm2-135m", prepare=False).meta["gguf_file"]
         except HarnessError:
@@ -346,14 +344,14 @@ class LlamaCppAdapter(Adapter):
         device = torch.device(device)
         source = getattr(model, "qharness_source", None)
         if source is None:
-            raise HarnessError("llamacpp: the model has no qharness_source (load it with harness.models.load_model)")
+            raise HarnessError("llamacpp: the model has no qharness_source (load it with harness.models.zoo.load_model)")
         original = (source.meta or {}).get("gguf_file")
         if "original" in (variant.qtype, variant.source) and not original:
             raise HarnessError(self._no_original(variant, source.name))
         info: dict[str, Any] = {"kernel": f"llama.cpp ({'cuda' if device.type == 'cuda' else 'cpu'})"}
-        folder = _model_dir(source)
+        folder = model_dir(source)
         folder.mkdir(parents=True, exist_ok=True)
-        version = _llama_cpp_version()
+        version = llama_cpp_version()
 
         if variant.qtype == "original":
             path = Path(original)

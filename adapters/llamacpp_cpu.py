@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.adapters.gguf_convert import llama_cpp_version
 from harness.errors import HarnessError
-from harness.provenance import cpu_flags
+from harness.models.zoo import cache_root
+from harness.results.provenance import cpu_flags
 
 PROBE_TIMEOUT_S = 180
 FAULT_ENV = "QHARNESS_LLAMACPP_PROBE_FAULT"
@@ -85,6 +87,7 @@ def model_params(**fields: Any):
 
 
 def _key(path: Path, features: str, version: str) -> str:
+    # lazy: `import harness.adapters.llamacpp_cpu` stays free of numpy, pydantic, torch
     from harness.adapters.llamacpp import gguf_tensor_stats
 
     types = sorted(gguf_tensor_stats(path)["tensor_types"])
@@ -114,12 +117,9 @@ def choose_buffers(path: str | Path) -> BufferChoice:
     """Whether llama.cpp may use its extra (repack/AMX) weight buffers for this file on this CPU:
     from the cache, else probed in child processes. Raises HarnessError when llama.cpp cannot
     decode the file here with either kind of buffer."""
-    from harness.adapters.gguf_convert import _llama_cpp_version
-    from harness.models import cache_root
-
     path = Path(path)
     features = system_info()
-    key = _key(path, features, _llama_cpp_version())
+    key = _key(path, features, llama_cpp_version())
     cached = cache_root() / "llama.cpp-buffers" / f"{key}.json"
     if cached.is_file():
         try:

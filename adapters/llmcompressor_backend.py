@@ -39,7 +39,7 @@ from harness.adapters.base import (
     VariantConfig,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
-from harness.storage import is_linear_like
+from harness.weights.footprint import is_linear_like
 
 WEIGHT_ONLY = ("W4A16", "W4A16_ASYM", "W8A16")
 

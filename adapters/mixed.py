@@ -33,8 +33,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from harness.adapters import get_adapter
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.hqq_backend import HQQQuantizedModel
 from harness.adapters.linears import linear_names, replace_module
+from harness.adapters.rtn import RTNLinear
 from harness.errors import HarnessError
 
 FLOAT = "float"
@@ -108,8 +111,6 @@ def resolve(variant: MixedVariant, names: list[str]) -> dict[str, Params]:
 
 
 def _apply_rtn(model, plan, default, device) -> QuantizedModel:
-    from harness.adapters.rtn import RTNLinear
-
     for name, v in plan.items():
         if v is not None:
             replace_module(model, name, RTNLinear.from_linear(model.get_submodule(name), v, device))
@@ -118,8 +119,6 @@ def _apply_rtn(model, plan, default, device) -> QuantizedModel:
 
 def _apply_hqq(model, plan, default, device) -> QuantizedModel:
     from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
-
-    from harness.adapters.hqq_backend import HQQQuantizedModel
 
     dtypes = {v.compute_dtype for v in plan.values() if v is not None}
     if len(dtypes) > 1:
@@ -156,8 +155,9 @@ def _apply_llamacpp(model, plan, default, device) -> QuantizedModel:
     (`tt_overrides`, exact tensor names), quantized from the adapter's cached F16 conversion."""
     import llama_cpp
 
-    from harness.adapters.llamacpp import (LlamaCppAdapter, LlamaCppModel, LlamaCppVariant, _llama_cpp_version,
-                                           _model_dir, quantize_gguf)
+    # lazy: `import harness.adapters.mixed` stays free of numpy
+    from harness.adapters.llamacpp import (LlamaCppAdapter, LlamaCppModel, LlamaCppVariant, llama_cpp_version,
+                                           model_dir, quantize_gguf)
 
     if default is None or default.qtype in ("original", "F16") or default.source != "f16":
         raise HarnessError("mixed: llamacpp needs a default qtype other than F16/original, from source f16")
@@ -171,7 +171,7 @@ def _apply_llamacpp(model, plan, default, device) -> QuantizedModel:
         types["^" + re.escape(gguf_tensor_name(name)) + "$"] = getattr(llama_cpp, f"GGML_TYPE_{qtype}")
     f16 = LlamaCppAdapter().quantize(model, LlamaCppVariant(qtype="F16"), None, device)
     digest = hashlib.sha1(json.dumps(sorted(types.items())).encode()).hexdigest()[:8]
-    path = _model_dir(model.qharness_source) / f"mixed-{default.qtype}-{digest}-llama.cpp-{_llama_cpp_version()}.gguf"
+    path = model_dir(model.qharness_source) / f"mixed-{default.qtype}-{digest}-llama.cpp-{llama_cpp_version()}.gguf"
     meta = {"cached": True} if path.is_file() else quantize_gguf(f16.path, path, default.qtype, tensor_types=types)
     return LlamaCppModel(path, device, {"kernel": f"llama.cpp ({device.type})", "quantize": meta,
                                         "tensor_type_overrides": len(types), "gguf_file": str(path)})
@@ -189,8 +189,6 @@ class MixedPrecisionAdapter(Adapter):
     packages: ClassVar[tuple[str, ...]] = ("hqq", "llama-cpp-python")
 
     def _base(self, variant: MixedVariant):
-        from harness.adapters import get_adapter
-
         return get_adapter(variant.base)
 
     def _parse(self, variant: MixedVariant, params: Params):

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
 from harness.errors import HarnessError
-from harness.storage import module_bytes, tensor_bytes
+from harness.weights.footprint import module_bytes, tensor_bytes
 
 # recipe -> modelopt config name (modelopt.torch.quantization.<NAME>)
 RECIPES: dict[str, str] = {

@@ -37,6 +37,8 @@ from pydantic import model_validator
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, QuantizedModel, VariantConfig
 from harness.errors import HarnessError
+from harness.models.encoders import pool, pooling_config
+from harness.models.zoo import cache_root
 
 EXPORT_FORMAT = 1  # bump when the cached export changes
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -104,8 +106,6 @@ class _LastHiddenState(torch.nn.Module):
 
 def export_encoder(model: torch.nn.Module, tokenizer: Any) -> tuple[Path, dict[str, Any]]:
     """(pre-processed fp32 ONNX file, export info), exported once per model and cached."""
-    from harness.models import cache_root
-
     source = model.qharness_source
     dest = cache_root() / "onnx" / f"{source.name.replace(':', '-').replace('/', '_')}-{_fingerprint(source)}"
     info_file = dest / "export.json"
@@ -231,8 +231,6 @@ class OrtEncoderModel(QuantizedModel):
         self.info.update(intra_op_threads=options.intra_op_num_threads, providers=self.session.get_providers())
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from harness.encoders import pool
-
         feeds = {name: batch[name].cpu().numpy() for name in self.inputs}
         hidden = self.session.run(None, feeds)[0]
         return pool(torch.from_numpy(hidden), batch["attention_mask"], **self.pooling)
@@ -293,8 +291,6 @@ class OnnxRuntimeAdapter(Adapter):
                  device: torch.device) -> QuantizedModel:
         assert isinstance(variant, OrtVariant)
         from transformers import AutoTokenizer
-
-        from harness.encoders import pooling_config
 
         source = getattr(model, "qharness_source", None)
         if source is None or source.task != "encoder":

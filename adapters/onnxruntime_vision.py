@@ -5,7 +5,7 @@ pre-processed by ORT's `quant_pre_process` (which folds each BatchNorm into its 
 under ~/.cache/qharness/onnx/<model>-<fingerprint>. Then, per cell:
 
 - `mode: static`: `quantize_static` with a `CalibrationDataReader` over the model's calibration
-  split (harness.vision; never trained on, never scored), MinMax / Entropy / Percentile, QDQ
+  split (harness.models.vision; never trained on, never scored), MinMax / Entropy / Percentile, QDQ
   (QuantizeLinear/DequantizeLinear pairs that ORT fuses into QLinearConv at session load) or
   QOperator; weights int8 (per channel with `per_channel: true`), activations uint8 by default;
 - `mode: dynamic`: `quantize_dynamic` (ConvInteger / MatMulInteger, activations per call);
@@ -38,6 +38,8 @@ from harness.adapters.vision_model import require_vision
 from harness.adapters.onnxruntime_backend import OrtVariant, graph_tensors, library_chatter_to_log, onnx_bytes, workdir
 from harness.adapters.torch_static import check_calibration_size
 from harness.adapters.vision_model import VisionModel
+from harness.models.vision import calibration_images, example_input
+from harness.models.zoo import cache_root
 
 EXPORT_FORMAT = 1  # bump when the cached export changes
 INPUT = "images"
@@ -59,9 +61,6 @@ class OrtVisionVariant(OrtVariant):
 
 def export_vision(model: torch.nn.Module) -> Path:
     """The pre-processed fp32 ONNX file of a vision model, exported once and cached."""
-    from harness.models import cache_root
-    from harness.vision import example_input
-
     source = model.qharness_source
     key = json.dumps([source.meta.get("recipe_hash"), torch.__version__, EXPORT_FORMAT])
     dest = cache_root() / "onnx" / f"{source.name.replace(':', '-')}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -180,8 +179,6 @@ class OrtVisionAdapter(Adapter):
     @staticmethod
     def _quantize(model: torch.nn.Module, src: Path, dst: Path, variant: OrtVisionVariant, info: dict[str, Any]) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-        from harness.vision import calibration_images
 
         types = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
         common = dict(per_channel=variant.per_channel, reduce_range=variant.reduce_range,

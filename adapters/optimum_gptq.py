@@ -24,6 +24,7 @@ from harness.adapters.base import (
     VariantConfig,
 )
 from harness.adapters.calibrated import CalibratedAdapter, installed, save_tokenizer
+from harness.adapters.gptqmodel_backend import keep_logs_in
 
 
 class OptimumGPTQVariant(VariantConfig):
@@ -59,9 +60,7 @@ class OptimumGPTQAdapter(CalibratedAdapter):
         assert isinstance(variant, OptimumGPTQVariant)
         from optimum.gptq import GPTQQuantizer
 
-        from harness.adapters.gptqmodel_backend import _keep_logs_in
-
-        _keep_logs_in(folder)  # optimum runs gptqmodel underneath
+        keep_logs_in(folder)  # optimum runs gptqmodel underneath
 
         rows = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)}
                 for row in calibration.input_ids]  # optimum collates (1, seq) tensors

@@ -40,6 +40,7 @@ from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelS
 from harness.adapters.vision_model import require_vision
 from harness.adapters.torch_static import calibrate, check_calibration_size
 from harness.adapters.vision_model import VisionModel, stored_tensor_bytes
+from harness.models.vision import calibration_images, example_input
 
 PT2E_MODULE = "torchao.quantization.pt2e.quantize_pt2e"
 QUANTIZER_MODULE = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
@@ -164,8 +165,6 @@ class PT2EAdapter(Adapter):
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
         import importlib
-
-        from harness.vision import calibration_images, example_input
 
         assert isinstance(variant, PT2EVariant)
         require_vision(model, "pt2e", " (causal LMs: backend pt2e-llm)")

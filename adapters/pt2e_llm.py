@@ -63,6 +63,7 @@ from pydantic import Field, model_validator
 
 from harness.adapters.base import (Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig,
                                    all_available)
+from harness.adapters.linears import linear_names
 from harness.adapters.pt2e import PT2E_MODULE, QUANTIZER_MODULE, count_converted, distinct_bytes, graph_tensors
 from harness.adapters.torch_static import calibrate
 from harness.errors import HarnessError
@@ -225,8 +226,6 @@ class PT2ELLMAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.adapters.linears import linear_names
-
         assert isinstance(variant, PT2ELLMVariant)
         if torch.device(device).type != "cpu":
             raise HarnessError("pt2e-llm: X86InductorQuantizer targets x86 CPUs; use device: cpu")
@@ -279,28 +278,35 @@ class PT2ELLMAdapter(Adapter):
             runner = torch.compile(converted, dynamic=True)  # compiled on its first call (inside the measurements)
 
         head = get_head()
-        lowered = variant.lower == "inductor"
-        info = {
-            "kernel": "Inductor-compiled (oneDNN int8 where its patterns match)" if lowered
-            else "converted q/dq graph, not lowered (reference arithmetic in float32)",
-            "scheme": f"{variant.activations} INT8 (PTQ, pt2e): int8 per-channel symmetric weights, "
-                      f"uint8 per-tensor activations ({'calibrated' if variant.activations == 'static' else 'per input'})",
-            "runtime": "torch Inductor" if lowered else "torch (converted graph, not lowered)",
-            "apis": {"prepare/convert": PT2E_MODULE, "quantizer": QUANTIZER_MODULE,
-                     "config": f"get_default_x86_inductor_quantization_config(is_dynamic={variant.activations == 'dynamic'})",
-                     "scope": "set_global" + (f" + set_module_name_qconfig(None) for {len(kept)} linears" if kept else "")},
-            "exported": {"what": "decoder body: input_ids -> last hidden state (no attention mask, no KV cache)",
-                         "dynamic": {"batch": [1, MAX_BATCH], "seq": [1, _longest(config)]}},
-            "lm_head": f"{next(head.parameters()).dtype} outside the graph, like every LLM adapter here"
-                       + (" (tied to the embedding: counted once)" if getattr(config, "tie_word_embeddings", False) else ""),
-            "lower": variant.lower, "activations": variant.activations, "keep_float": list(variant.keep_float),
-            "calibration": used,
-            "int8_linears": counted["int8_linears"], "float_linears": counted["float_linears"],
-            "activation_quantize_ops": counted["activation_quantize_ops"],
-            "tensor_bytes_read_by_graph": counted["read"], "unread_tensor_bytes": counted["unread"],
-            "bytes_by_dtype": counted["by_dtype"],
-            "decoding": "no KV cache: drift decodes by the argmax of recomputed logits; kv-cache and decode speed refuse",
-            **{k: round(v, 2) for k, v in seconds.items()},
-        }
+        info = _describe(variant, config, head, kept, used, counted, seconds)
         front = ExportedCausalLM(ExportedDecoder(converted, runner), head, config, getattr(model, "qharness_source", None))
         return PT2ELLMModel(front, counted, info)
+
+
+def _describe(variant: PT2ELLMVariant, config, head, kept: list[str], used: dict | None, counted: dict,
+              seconds: dict[str, float]) -> dict:
+    """The quantized model's info: what ran (APIs, scope, lowering), what was exported, what the
+    converted graph holds, and the seconds each step took."""
+    lowered = variant.lower == "inductor"
+    return {
+        "kernel": "Inductor-compiled (oneDNN int8 where its patterns match)" if lowered
+        else "converted q/dq graph, not lowered (reference arithmetic in float32)",
+        "scheme": f"{variant.activations} INT8 (PTQ, pt2e): int8 per-channel symmetric weights, "
+                  f"uint8 per-tensor activations ({'calibrated' if variant.activations == 'static' else 'per input'})",
+        "runtime": "torch Inductor" if lowered else "torch (converted graph, not lowered)",
+        "apis": {"prepare/convert": PT2E_MODULE, "quantizer": QUANTIZER_MODULE,
+                 "config": f"get_default_x86_inductor_quantization_config(is_dynamic={variant.activations == 'dynamic'})",
+                 "scope": "set_global" + (f" + set_module_name_qconfig(None) for {len(kept)} linears" if kept else "")},
+        "exported": {"what": "decoder body: input_ids -> last hidden state (no attention mask, no KV cache)",
+                     "dynamic": {"batch": [1, MAX_BATCH], "seq": [1, _longest(config)]}},
+        "lm_head": f"{next(head.parameters()).dtype} outside the graph, like every LLM adapter here"
+                   + (" (tied to the embedding: counted once)" if getattr(config, "tie_word_embeddings", False) else ""),
+        "lower": variant.lower, "activations": variant.activations, "keep_float": list(variant.keep_float),
+        "calibration": used,
+        "int8_linears": counted["int8_linears"], "float_linears": counted["float_linears"],
+        "activation_quantize_ops": counted["activation_quantize_ops"],
+        "tensor_bytes_read_by_graph": counted["read"], "unread_tensor_bytes": counted["unread"],
+        "bytes_by_dtype": counted["by_dtype"],
+        "decoding": "no KV cache: drift decodes by the argmax of recomputed logits; kv-cache and decode speed refuse",
+        **{k: round(v, 2) for k, v in seconds.items()},
+    }

@@ -39,7 +39,7 @@ from harness.adapters.base import (
     VariantConfig,
     check_group_size,
 )
-from harness.adapters.torchao_backend import _has_mslk, _quiet_torchao, _skip_head
+from harness.adapters.torchao_backend import has_mslk, quiet_torchao, skip_head
 from harness.errors import HarnessError
 
 Scheme = Literal["intx_weight_only", "int8_dyn_act_intx_weight", "int4_weight_only"]
@@ -72,7 +72,7 @@ class QATVariant(VariantConfig):
 
 def base_config(variant: QATVariant):
     """The torchao PTQ config the QAT flow fake-quantizes for and converts to."""
-    with _quiet_torchao():
+    with quiet_torchao():
         from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -170,7 +170,7 @@ class QATAdapter(Adapter):
 
     def variant_availability(self, variant: VariantConfig, device: str) -> Availability:
         assert isinstance(variant, QATVariant)
-        if variant.scheme == "int4_weight_only" and (torch.device(device).type != "cuda" or not _has_mslk()):
+        if variant.scheme == "int4_weight_only" and (torch.device(device).type != "cuda" or not has_mslk()):
             return Availability(False, "qat int4_weight_only converts to torchao Int4WeightOnlyConfig, which needs "
                                        "CUDA and the package mslk >= 1.0.0; use intx_weight_only bits 4 on CPU")
         return Availability(True)
@@ -205,7 +205,7 @@ class QATAdapter(Adapter):
                                f"(calibration stream {calibration.stream_tokens} tokens): fewer windows or a shorter seq_len")
         windows = windows.to(device)
         train, held = windows[split["train"]], windows[split["held"]]
-        with _quiet_torchao():
+        with quiet_torchao():
             from torchao.quantization import quantize_
             from torchao.quantization.qat import QATConfig
 
@@ -214,13 +214,13 @@ class QATAdapter(Adapter):
             holdout: dict[str, Any] = {}
             if held.numel():
                 holdout["float"] = _mean_se(_token_losses(model, held, variant.batch_size))
-            quantize_(model, QATConfig(config, step="prepare"), filter_fn=_skip_head)
+            quantize_(model, QATConfig(config, step="prepare"), filter_fn=skip_head)
             if held.numel():
                 holdout["ptq"] = _mean_se(_token_losses(model, held, variant.batch_size))
             log = train_fake_quantized(model, train, variant)
             if held.numel() and variant.steps:
                 holdout["qat"] = _mean_se(_token_losses(model, held, variant.batch_size))
-            quantize_(model, QATConfig(config, step="convert"), filter_fn=_skip_head)
+            quantize_(model, QATConfig(config, step="convert"), filter_fn=skip_head)
         kinds = sorted({type(m.weight).__name__ for m in model.modules()
                         if isinstance(m, torch.nn.Linear) and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)})
         training = {**log, "steps": variant.steps, "lr": variant.lr, "batch_size": variant.batch_size,

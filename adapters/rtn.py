@@ -2,7 +2,7 @@
 is compared with. No calibration, no error feedback: each group of weights gets its own scale
 (and zero point when asymmetric) and every weight is rounded to the nearest level.
 
-Rounding is round-half-to-even (`torch.round`). Codes are bit-packed (`harness.packing`) and the
+Rounding is round-half-to-even (`torch.round`). Codes are bit-packed (`harness.weights.packing`) and the
 float weight is rebuilt on every forward and then dropped, so the bytes the storage accounting
 sees are the bytes the method really needs: b bits per weight plus one scale (and one b-bit zero
 code when asymmetric) per group."""
@@ -18,7 +18,7 @@ from pydantic import Field
 from harness.adapters.base import Adapter, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig, check_group_size
 from harness.adapters.linears import replace_linears
 from harness.errors import HarnessError
-from harness.packing import pack_bits, unpack_bits
+from harness.weights.packing import pack_bits, unpack_bits
 
 
 class RTNVariant(VariantConfig):

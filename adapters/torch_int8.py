@@ -26,8 +26,9 @@ from harness.adapters.base import (
     QuantizedModel,
     VariantConfig,
 )
+from harness.adapters.vision_model import as_vision_model
 from harness.errors import HarnessError
-from harness.storage import linear_weight_stats, module_bytes
+from harness.weights.footprint import linear_weight_stats, module_bytes
 
 _CPU_ONLY = "torch quantize_dynamic kernels are CPU-only (fbgemm/qnnpack)"
 
@@ -40,7 +41,7 @@ class TorchInt8Variant(VariantConfig):
 
 
 @contextmanager
-def _quiet_torch_ao():
+def quiet_torch_ao():
     """torch.ao.quantization warns that it is deprecated (and so does quantized tensor creation)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
@@ -66,7 +67,7 @@ def _packed_bytes(module: torch.nn.Module, engine: str) -> tuple[int, int]:
     (qnnpack, onednn) we count the unpacked quantized tensor as it is: int8 codes plus its scale
     and zero point at the dtypes torch reports (per channel: float64 + int64 tensors; per tensor:
     one double + one int64)."""
-    with _quiet_torch_ao():
+    with quiet_torch_ao():
         weight, bias = module._packed_params._weight_bias()
     out_f = weight.shape[0]
     codes = weight.numel() * torch.iinfo(torch.int8).bits // 8
@@ -130,7 +131,7 @@ class TorchDynamicInt8Adapter(Adapter):
         model = model.to(device=device, dtype=torch.float32)  # the dynamic kernels take float32
         names = {name for name, mod in model.named_modules()
                  if isinstance(mod, torch.nn.Linear) and not name.endswith("lm_head")}
-        with _quiet_torch_ao():
+        with quiet_torch_ao():
             import torch.ao.quantization as tq
 
             qconfig = tq.per_channel_dynamic_qconfig if variant.granularity == "per_channel" else tq.default_dynamic_qconfig
@@ -138,7 +139,6 @@ class TorchDynamicInt8Adapter(Adapter):
         cls = _dynamic_linear_type()
         n = sum(isinstance(m, cls) for m in model.modules())
         engine = torch.backends.quantized.engine
-        from harness.adapters.vision_model import as_vision_model
 
         return as_vision_model(DynamicInt8Model(model, device, info={
             "kernel": f"torch.ao dynamic quantized Linear ({engine})",

@@ -30,7 +30,9 @@ from harness.adapters.torch_static import (
     quiet_eager_quantization,
     use_engine,
 )
+from harness.adapters.vision_model import VisionModel
 from harness.errors import HarnessError
+from harness.models.vision import dataset_of
 
 
 class QATVariant(VariantConfig):
@@ -96,9 +98,6 @@ class TorchQATAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.adapters.vision_model import VisionModel
-        from harness.vision import dataset_of
-
         assert isinstance(variant, QATVariant)
         if torch.device(device).type != "cpu":
             raise HarnessError("torch-qat: eager quantized kernels run on the CPU only; use device: cpu")

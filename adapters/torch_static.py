@@ -12,11 +12,11 @@ Fusion folds each BatchNorm into its conv and runs conv+relu as one quantized ke
 `Quantize` / `DeQuantize`. Weights are int8 per output channel, activations uint8 per tensor
 with scales from the calibration pass (HistogramObserver; fbgemm's reduces the range to 7 bits
 for CPUs without VNNI, x86's decides by the CPU). The calibration images are the model's own
-calibration split (harness.vision: never trained on, never scored), not the suite's text
+calibration split (harness.models.vision: never trained on, never scored), not the suite's text
 `calibration:` block. CPU only (fbgemm / x86 / onednn kernels).
 
 The model must be written for eager quantization (QuantStub / DeQuantStub, fusable groups):
-vision models declare their groups (`harness.vision.FUSE_GROUPS`)."""
+vision models declare their groups (`harness.models.vision.FUSE_GROUPS`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ import torch
 from pydantic import Field
 
 from harness.adapters.base import Adapter, Availability, CalibrationSet, ModelShapes, QuantizedModel, VariantConfig
+from harness.adapters.vision_model import VisionModel
 from harness.errors import HarnessError
+from harness.models.vision import FUSE_GROUPS, calibration_images
 
 ENGINES = ("x86", "fbgemm")
 _CPU_ONLY = "eager quantized kernels (fbgemm / x86) run on the CPU only"
@@ -68,7 +70,6 @@ def fuse_groups(model: torch.nn.Module) -> list[list[str]]:
     if getattr(source, "task", None) != "vision":
         raise HarnessError("eager static INT8 needs a model written for it (QuantStub, fusable conv+bn+relu): "
                            "the vision models (e.g. builtin:digits-cnn)")
-    from harness.vision import FUSE_GROUPS
 
     return [list(g) for g in FUSE_GROUPS]
 
@@ -114,9 +115,6 @@ class TorchStaticAdapter(Adapter):
 
     def quantize(self, model: torch.nn.Module, variant: VariantConfig, calibration: CalibrationSet | None,
                  device: torch.device) -> QuantizedModel:
-        from harness.adapters.vision_model import VisionModel
-        from harness.vision import calibration_images
-
         assert isinstance(variant, StaticVariant)
         if torch.device(device).type != "cpu":
             raise HarnessError(f"torch-static: {_CPU_ONLY}; use device: cpu")

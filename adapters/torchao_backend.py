@@ -86,7 +86,7 @@ class TorchAOVariant(VariantConfig):
 
 
 @contextmanager
-def _quiet_torchao():
+def quiet_torchao():
     """torchao's import logs a warning per optional CUDA extension it cannot load on CPU, and torch
     logs a pytree deprecation for one of its enums; keep them out of the cell's output."""
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
@@ -104,7 +104,7 @@ def _quiet_torchao():
 
 
 def _config(variant: TorchAOVariant):
-    with _quiet_torchao():
+    with quiet_torchao():
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,
             Float8WeightOnlyConfig,
@@ -134,11 +134,11 @@ def _fp8_capable_cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def _skip_head(module: torch.nn.Module, fqn: str) -> bool:
+def skip_head(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and fqn.split(".")[-1] != "lm_head"
 
 
-def _has_mslk() -> bool:
+def has_mslk() -> bool:
     try:
         return int(metadata.version("mslk").split(".")[0]) >= 1
     except (metadata.PackageNotFoundError, ValueError):
@@ -164,7 +164,7 @@ class TorchAOAdapter(Adapter):
             return Availability(False,
                 "torchao int4_weight_only needs CUDA (and the package mslk on torchao >= 0.15): on CPU "
                 "quantize_ fails with 'Requires mslk >= 1.0.0'; use intx_weight_only with bits: 4 on CPU")
-        if variant.scheme == "int4_weight_only" and variant.packing == "plain" and not _has_mslk():
+        if variant.scheme == "int4_weight_only" and variant.packing == "plain" and not has_mslk():
             return Availability(False,
                 "torchao int4_weight_only (packing plain) needs the package mslk >= 1.0.0, which is not installed "
                 "(PyPI serves only a 0.0.0 placeholder; seen on an H100 with torchao 0.18: 'Requires mslk >= 1.0.0'); "
@@ -191,13 +191,13 @@ class TorchAOAdapter(Adapter):
         assert isinstance(variant, TorchAOVariant)
         device = torch.device(device)
         config = _config(variant)
-        with _quiet_torchao():
+        with quiet_torchao():
             from torchao.quantization import quantize_
 
             model = model.to(device)
             if variant.packing == "tile_packed_to_4d" and next(model.parameters()).dtype != torch.bfloat16:
                 model = model.to(torch.bfloat16)  # tinygemm takes bf16 weights and activations only
-            quantize_(model, config, filter_fn=_skip_head, device=device)
+            quantize_(model, config, filter_fn=skip_head, device=device)
         kinds = sorted({type(m.weight).__name__ for m in model.modules()
                         if isinstance(m, torch.nn.Linear) and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)})
         n = sum(isinstance(m, torch.nn.Linear) and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)

@@ -3,7 +3,7 @@ lent GPU, and where does the rest go? (issue 6: >= 85% at batch 1.)
 
 Runs on the device (benchmarks/perf_gpu.sh floor): the copy probe (torch copy_ and a streaming
 Triton copy), a read-only bandwidth diagnostic, the transformers graph-compiled baseline, the
-lean decoder (harness.perf.lean_decode: the same weights, fused projections, checked against
+lean decoder (harness.perf.kernels.lean_decode: the same weights, fused projections, checked against
 transformers' logits first) eager and compiled under a few inductor settings, a GEMV-only graph
 (every weight matrix once, nothing else: what cuBLAS's M=1 kernels alone reach), and a
 torch.profiler kernel table of one replay of the HF and the best lean step. Prints a table last;
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from harness import hardware
 from harness.perf import decode as dec
-from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
+from harness.perf.kernels.lean_decode import LeanDecoder, check_against, lean_graph_decode
 from harness.perf.probes import run_probes
 from harness.perf.roofline import ModelDims, phase_roofline
 from harness.perf.shape_models import load_shape, resolve_shape

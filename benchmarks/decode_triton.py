@@ -1,4 +1,4 @@
-"""Batch-1 fp16 decode of a 7B shape through the fused Triton step (harness.perf.triton_decode:
+"""Batch-1 fp16 decode of a 7B shape through the fused Triton step (harness.perf.kernels.triton_decode:
 five kernels a layer) against the roofline, on the lent GPU (issue 6: >= 85%).
 
 Parts, each printed as it finishes (a short table last; $OUT/decode_triton.json):
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from harness import hardware
 from harness.perf import decode as dec
-from harness.perf import triton_decode as td
-from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
+from harness.perf.kernels import triton_decode as td
+from harness.perf.kernels.lean_decode import LeanDecoder, check_against, lean_graph_decode
 from harness.perf.probes import run_probes
 from harness.perf.roofline import ModelDims, phase_roofline
 from harness.perf.shape_models import load_shape, resolve_shape

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from harness.store import RunDir
+from harness.results.run_dir import RunDir
 
 
 def main(run: str) -> None:

@@ -36,9 +36,9 @@ SHAPES = Path(__file__).resolve().parents[1] / "harness" / "perf" / "shapes"
 def make_rows(out: Path, corpus: str, seq_len: int) -> None:
     from transformers import AutoTokenizer
 
-    from harness.data import load_texts
+    from harness.models.corpora import load_texts
     from harness.metrics.perplexity import rolling_windows
-    from harness.models import resolve_model
+    from harness.models.zoo import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("builtin:smollm2-135m").path)
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

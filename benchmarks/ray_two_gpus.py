@@ -36,7 +36,7 @@ def random_llama(dest: Path, hidden: int, layers: int, seed: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.models import _byte_tokenizer
+    from harness.models.zoo import _byte_tokenizer
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 64 * 64,
@@ -77,9 +77,9 @@ def suite_file(path: Path, name: str, models: list[str], gpus: int, windows: int
 
 
 def timed_run(suite_path: Path, out: Path, executor) -> tuple[float, list[dict]]:
-    from harness.runner import run_suite
-    from harness.store import RunDir
-    from harness.suite import load_suite
+    from harness.run.runner import run_suite
+    from harness.results.run_dir import RunDir
+    from harness.run.suite import load_suite
 
     t0 = time.perf_counter()
     result = run_suite(load_suite(str(suite_path)), out=out, executor=executor)
@@ -103,8 +103,8 @@ def main() -> int:
 
     import torch
 
-    from harness.executor import LocalExecutor
-    from harness.ray_executor import RayExecutor
+    from harness.run.executor import LocalExecutor
+    from harness.run.ray_executor import RayExecutor
 
     n_gpus = torch.cuda.device_count()
     if n_gpus < 2:

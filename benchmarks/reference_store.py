@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from harness.adapters import get_adapter
-from harness.data import eval_token_stream
+from harness.models.corpora import eval_token_stream
 from harness.metrics.divergence import token_divergence
 from harness.metrics.scoring import ReferenceStore, Scorer, row_key, window_row
-from harness.models import load_model, resolve_model
-from harness.provenance import collect
+from harness.models.zoo import load_model, resolve_model
+from harness.results.provenance import collect
 
 VARIANTS = [("rtn", {"bits": 8, "sym": True}), ("hqq", {"bits": 4, "group_size": 64}), ("rtn", {"bits": 4, "group_size": 64}),
             ("rtn", {"bits": 4}), ("rtn", {"bits": 3, "group_size": 64})]

@@ -232,10 +232,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from harness.data import load_texts
+    from harness.models.corpora import load_texts
     from harness.metrics.perplexity import rolling_windows
     from harness.metrics.scoring import MAX_BATCH_TOKENS, CPU_BATCH_TOKENS
-    from harness.provenance import collect
+    from harness.results.provenance import collect
 
     prov = collect(args.device)
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} git {prov['git_sha']} device {prov.get('gpu') or prov['cpu']} "

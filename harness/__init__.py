@@ -13,7 +13,7 @@ def load_run(path, all_attempts: bool = False):
 
     By default the run's current records (for each cell of the current plan, its latest attempt:
     what reports and gates read); `all_attempts=True` gives every line of records.jsonl, earlier
-    attempts of resumed cells included. Columns (harness.records.Record, in this order):
+    attempts of resumed cells included. Columns (harness.results.records.Record, in this order):
 
     - cell identity: cell_id, suite, model, backend, variant, variant_params (dict), device,
       hardware_profile, is_reference; run_id, attempt;
@@ -26,7 +26,8 @@ def load_run(path, all_attempts: bool = False):
 
     Raises harness.errors.HarnessError when `path` is not a run directory (no run.json) or its
     records are corrupt. pandas is imported here, not by `import harness`."""
-    from harness.store import RunDir, load_records
+    # lazy: `import harness` stays free of pydantic
+    from harness.results.run_dir import RunDir, load_records
 
     RunDir(path).run_info()
     return load_records(path, all_attempts=all_attempts)

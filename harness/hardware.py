@@ -11,6 +11,9 @@ from importlib import resources
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.errors import HarnessError
+from harness.results.provenance import cpu_name, gpu_info
+
 
 class HardwareProfile(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,8 +32,6 @@ class HardwareProfile(BaseModel):
 @lru_cache(maxsize=1)
 def profiles() -> dict[str, HardwareProfile]:
     from pydantic import ValidationError
-
-    from harness.errors import HarnessError
 
     out = {}
     for entry in sorted(resources.files("harness.hardware_profiles").iterdir(), key=lambda e: e.name):
@@ -82,8 +83,6 @@ def describe(profile: HardwareProfile | None) -> str:
 
 def detect(device: str) -> tuple[str, str]:
     """(profile name, device name) for 'cpu' or 'cuda'; profile 'unknown-<kind>' when none fits."""
-    from harness.provenance import cpu_name, gpu_info
-
     if device.startswith("cuda"):
         gpus = gpu_info().get("gpus") or ["unknown GPU"]
         name, kind = gpus[0], "gpu"

@@ -12,7 +12,7 @@ import plotly.offline
 from jinja2 import Environment
 from markupsafe import Markup
 
-from harness.compare import QUIET, Comparison, fmt_delta, fmt_value
+from harness.ci.compare import QUIET, Comparison, fmt_delta, fmt_value
 
 COLORS = {"regression": "#c62828", "failed": "#c62828", "improvement": "#2e7d32", "recovered": "#2e7d32",
           "changed": "#ef6c00", "noise": "#9e9e9e", "same": "#9e9e9e"}

@@ -21,12 +21,12 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from harness.metrics.meaning import spec_for
-from harness.records import measurement_instance, record_corpus
+from harness.results.records import measurement_instance, record_corpus
 from harness.reports.common import (PALETTE, REFERENCE_MARKER, CellLook, Table, axis_layout, cell_looks, esc, fmt, fmt_unc, int_or_none,
                                      missing, ok_metric, pareto_front, sort_key)
 from harness.reports.sections import LEAD_SECTIONS, build_sections
 from harness.reports.static_figures import write_static
-from harness.store import RunDir, load_records
+from harness.results.run_dir import RunDir, load_records
 
 TEMPLATE = "report.html.j2"
 TEMPLATE_NAME = "plotly_white"

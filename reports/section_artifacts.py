@@ -1,6 +1,6 @@
 """Report section: calibrated quantization runs. For each cell whose quantize record carries a
 calibration set: the calibration (corpus, samples x tokens, seed), whether the quantized artifact
-came from the cache (harness/artifacts.py), how long the original quantization took and how long
+came from the cache (harness/models/artifacts.py), how long the original quantization took and how long
 this run's quantize step took (a load, on a hit), next to bits per weight and the PPL ratio, so a
 calibrated method is judged with what it cost."""
 

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from harness.metrics.meaning import spec_for
-from harness.records import instance_label, measurement_instance
+from harness.results.records import instance_label, measurement_instance
 from harness.reports.common import REFERENCE_MARKER, axis_layout, cell_looks, pareto_front
 from harness.reports.sections import Section
 

@@ -6,9 +6,9 @@ prefill and decode grid point at its arithmetic intensity (from the model config
 roofline) and achieved FLOP/s. The table gives tokens/s against the roofline's tokens/s,
 bandwidth utilisation (bytes that had to move / time / measured bandwidth) and, where a cell ran
 both decode modes, the framework-vs-graph gap (Python and launch overhead apart from kernels), and
-the lean mode (harness.perf.lean_decode, compiled) where it ran: the kernels with the framework's
+the lean mode (harness.perf.kernels.lean_decode, compiled) where it ran: the kernels with the framework's
 step bookkeeping taken away too, and the triton mode (the lean step as five fused Triton kernels a
-layer, harness.perf.triton_decode): how close a float model's decode gets to the bandwidth roof."""
+layer, harness.perf.kernels.triton_decode): how close a float model's decode gets to the bandwidth roof."""
 
 from __future__ import annotations
 

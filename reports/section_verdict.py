@@ -18,7 +18,7 @@ import pandas as pd
 
 from harness.metrics.meaning import MetricSpec, spec_for
 from harness.metrics.paired import Z_ALPHA
-from harness.records import instance_label, measurement_instance
+from harness.results.records import instance_label, measurement_instance
 from harness.reports.common import Table, fmt, fmt_unc, missing, ok_metric, pareto_front, sort_key
 from harness.reports.sections import Section
 

@@ -1,7 +1,7 @@
 """Report sections beyond the frontier and the cell table, registered by name so each axis (tasks,
 drift, outliers, roofline, ...) keeps its figures in its own module.
 
-A section builder takes the run's records (a DataFrame, see harness.store.load_records) and the
+A section builder takes the run's records (a DataFrame, see harness.results.run_dir.load_records) and the
 run's info (run.json as a dict) and returns a Section, or None when the run has nothing for it."""
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.errors import HarnessError
+
 FORMATS = ("svg", "png", "pdf")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FIGURES_DIR = "figures"
@@ -23,8 +25,6 @@ class StaticResult:
 
 
 def check_formats(formats: tuple[str, ...]) -> tuple[str, ...]:
-    from harness.errors import HarnessError
-
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise HarnessError(f"unknown static figure format '{bad[0]}' (choose from: {', '.join(FORMATS)})")

@@ -14,7 +14,7 @@ from isolation import pytest_configure, pytest_runtest_logreport, pytest_runtest
 
 PLUGINS = Path(__file__).parent / "plugins"
 
-# Without a GPU the fused Triton decode kernels (tests/test_triton_decode.py) run under Triton's CPU
+# Without a GPU the fused Triton decode kernels (tests/perf/test_triton_decode.py) run under Triton's CPU
 # interpreter; triton reads this when it is first imported, whichever test imports it first.
 if "TRITON_INTERPRET" not in os.environ:
     import torch
@@ -67,8 +67,8 @@ def tiny_suite(path: Path, extra_backends: str = "", timeout: float = 120) -> Pa
 
 def smollm2_eval_windows(windows: int, seq: int):
     """(fp32 SmolLM2, tokenizer, (windows, seq) token ids from the boolq-wiki eval split)."""
-    from harness.data import eval_token_stream
-    from harness.models import load_model, resolve_model
+    from harness.models.corpora import eval_token_stream
+    from harness.models.zoo import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model("builtin:smollm2-135m"))
     stream = eval_token_stream(tokenizer, "boolq-wiki", windows * seq)

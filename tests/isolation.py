@@ -139,4 +139,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem) -> bool | None:
     for report in _results.pop(item.nodeid):
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    # what the skipped teardown phase would do here: collectors the next test does not share (the
+    # previous test's folder, when this module is the last of its folder) are torn down
+    item.session._setupstate.teardown_exact(nextitem)
     return True

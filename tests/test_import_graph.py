@@ -1,4 +1,8 @@
-"""The package's module-level import graph has no cycles: a cycle held together only by import order
+"""The package's shape, read from source with ast (nothing is imported to check it): the module-level
+import graph has no cycles, no module imports another module's private names, no function outside
+the fused kernels is over 80 lines.
+
+The module-level import graph has no cycles: a cycle held together only by import order
 breaks the first time someone reorders imports or imports a module on its own. Imports inside
 functions (optional heavy libraries, lazy registries) are not edges: they run after every module
 has loaded. Read from source with ast, so nothing is imported to check it."""
@@ -6,6 +10,7 @@ has loaded. Read from source with ast, so nothing is imported to check it."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +87,50 @@ def test_walker_sees_a_cycle():
 
 def test_no_module_level_import_cycles():
     known = modules()
-    assert "harness.cli" in known and "harness.reports.html" in known
+    assert "harness.cli.main" in known and "harness.reports.html" in known
     graph = {name: module_level_imports(path, name, known) for name, path in known.items()}
     # a package's __init__ importing its own submodules is an edge like any other
     cycle = find_cycle(graph)
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle)
+
+
+def private_imports(path: Path, name: str) -> list[str]:
+    """`from harness.x import _private` in module `name`, x another module (anywhere in the file,
+    functions included): a helper shared across modules is public, or it is not shared."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+        if not base.startswith("harness") or base == name:
+            continue
+        found += [f"{name}:{node.lineno} imports {a.name} from {base}" for a in node.names
+                  if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_walker_sees_a_private_import(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from harness.adapters.llamacpp import _x, public\n")
+    assert private_imports(path, "harness.adapters.other") == ["harness.adapters.other:2 imports _x from harness.adapters.llamacpp"]
+    assert private_imports(path, "harness.adapters.llamacpp") == []
+
+
+def test_no_private_names_imported_across_modules():
+    known = modules()
+    found = [line for name, path in known.items() for line in private_imports(path, name)]
+    assert not found, "private names imported from another module (make them public):\n" + "\n".join(found)
+
+
+def test_no_function_over_80_lines():
+    """Outside the fused kernels (harness/perf/kernels/), a function longer than 80 lines is split
+    into named helpers (tools/long_functions.py lists them)."""
+    spec = importlib.util.spec_from_file_location("long_functions", ROOT / "tools" / "long_functions.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.MAX_LINES == 80 and tool.EXEMPT == ("harness/perf/kernels/",)
+    found = tool.long_functions(("harness", "adapters", "reports"), 80, ROOT)
+    assert not found, "functions over 80 lines:\n" + "\n".join(f"{p}:{line} {n} ({k} lines)" for p, n, line, k in found)

@@ -71,7 +71,7 @@ class Measurement(ABC):
     needs_tokenizer: ClassVar[bool] = True
     tasks: ClassVar[tuple[str, ...]] = ("causal-lm",)  # model kinds it can measure; others are refused at plan time
     # its values are timings: nothing of the harness's own may run beside its cell (no next worker
-    # warming up: harness.executor.LocalExecutor)
+    # warming up: harness.run.executor.LocalExecutor)
     timed: ClassVar[bool] = False
     # loads the reference model beside the cell's own (layer-by-layer diagnostics); everything
     # else reads what the reference cell stored
@@ -88,7 +88,7 @@ class Measurement(ABC):
         time, before any model loads. By default the `corpus` it names (files, packages)."""
         corpus = getattr(params, "corpus", None)
         if isinstance(corpus, str):
-            from harness.data import check_corpus
+            from harness.models.corpora import check_corpus
 
             check_corpus(corpus)
 

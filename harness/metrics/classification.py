@@ -1,4 +1,4 @@
-"""Image-classifier quality on the model's held-out test split (harness.vision), against the float
+"""Image-classifier quality on the model's held-out test split (harness.models.vision), against the float
 reference on the very same images.
 
 - `accuracy`: top-1 accuracy on the test split (never trained or calibrated on), with its binomial
@@ -26,6 +26,8 @@ from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import quality
 from harness.metrics.paired import MDE_PROTOCOL, accuracy_mde, flips, wilson
+from harness.models.vision import dataset_of
+from harness.models.zoo import resolve_model
 
 PROTOCOL = "top-1 on the held-out test split (hash split of the training recipe)"
 FILE = "classification.npz"
@@ -105,9 +107,6 @@ class Classification(Measurement):
     )
 
     def run(self, ctx: CellContext, params: ClassificationParams) -> list[MetricValue]:
-        from harness.models import resolve_model
-        from harness.vision import dataset_of
-
         source = resolve_model(ctx.model_name, prepare=False)
         images, labels = dataset_of(source, params.split)
         sha1 = hashlib.sha1(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()

@@ -23,6 +23,7 @@ from harness.metrics.base import CellContext, Measurement, MeasurementParams, Me
 from harness.metrics.meaning import MetricSpec, quality
 from harness.metrics.paired import MDE_PROTOCOL, stderr_mde
 from harness.metrics.scoring import BatchTokens
+from harness.models.corpora import eval_token_stream
 
 KLD_PERCENTILES = (99.9, 99, 95, 90, 50, 10, 5, 1)
 DELTA_P_PERCENTILES = (99, 95, 50, 5, 1)
@@ -74,8 +75,6 @@ def summarize(kld: np.ndarray, agree: np.ndarray, delta_p: np.ndarray, detail: d
 
 def eval_windows(ctx: CellContext, corpus: str, seq_len: int, max_windows: int | None, who: str) -> torch.Tensor:
     """(n, seq_len) consecutive windows from the start of the corpus's eval split."""
-    from harness.data import eval_token_stream
-
     max_tokens = seq_len * max_windows if max_windows else None
     stream = eval_token_stream(ctx.tokenizer, corpus, max_tokens)
     n_windows = stream.numel() // seq_len

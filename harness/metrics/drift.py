@@ -34,6 +34,7 @@ from harness.metrics.base import CellContext, Measurement, MeasurementParams, Me
 from harness.metrics.meaning import MetricSpec, quality
 from harness.metrics.divergence import STORED, token_divergence
 from harness.metrics.scoring import BatchTokens
+from harness.models.corpora import eval_token_stream
 
 FIRST_DIVERGENCE_PERCENTILES = (10, 25, 50, 75, 90)
 CHUNK = 256  # positions per KLD chunk: float64 log-softmax over the vocabulary is large
@@ -152,8 +153,6 @@ class Drift(Measurement):
     Params = DriftParams
 
     def _stream(self, ctx: CellContext, params: DriftParams) -> torch.Tensor:
-        from harness.data import eval_token_stream
-
         context = model_context(ctx.qmodel)
         longest = max(params.seq_len, params.prompt_len + params.new_tokens)
         if context and longest > context:

@@ -25,6 +25,8 @@ from pydantic import Field
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec, quality
+from harness.models.corpora import data_file, is_calibration
+from harness.models.encoders import tokenize
 
 COSINE_PERCENTILES = (50, 5, 1)
 PROTOCOL = "boolq-questions-to-passages"
@@ -41,9 +43,7 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
     import pyarrow as pa
     import pyarrow.ipc
 
-    from harness.data import _data_file, is_calibration
-
-    path = _data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
+    path = data_file("hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     questions, passages, gold = [], {}, []
     for q, p in zip(table.column("question").to_pylist(), table.column("passage").to_pylist()):
@@ -59,8 +59,6 @@ def boolq_pairs(n: int) -> tuple[list[str], list[str], list[int]]:
 
 
 def embed_texts(qmodel: Any, tokenizer: Any, texts: list[str], batch_size: int, progress=None) -> np.ndarray:
-    from harness.encoders import tokenize
-
     out = []
     for start in range(0, len(texts), batch_size):
         out.append(qmodel.embed(tokenize(tokenizer, texts[start : start + batch_size])).float().numpy())

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
+from harness.models.encoders import tokenize
 from harness.perf.timing import half_iqr
 
 PROTOCOL = "encoder-cpu-latency: warm-up, then per-repeat wall clock of embed() on a pre-tokenized batch"
@@ -44,7 +45,7 @@ class EncoderSpeed(Measurement):
     def run(self, ctx: CellContext, params: EncoderSpeedParams) -> list[MetricValue]:
         import torch
 
-        from harness.encoders import tokenize
+        # lazy: `import harness.metrics.encoder_speed` stays free of numpy
         from harness.metrics.embedding import boolq_pairs
 
         questions, _, _ = boolq_pairs(max(params.batch_sizes))

@@ -20,6 +20,8 @@ from pydantic import Field
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
+from harness.models.corpora import eval_token_stream
+from harness.weights.footprint import tensor_bytes
 
 
 class KVCacheParams(MeasurementParams):
@@ -52,8 +54,6 @@ def hf_cache(qmodel):
 
 
 def cache_object_bytes(cache) -> int:
-    from harness.storage import tensor_bytes
-
     tensors = []
     for layer in cache.layers:
         for attr in ("_quantized_keys", "_quantized_values", "keys", "values"):
@@ -80,8 +80,6 @@ class KVCache(Measurement):
     Params = KVCacheParams
 
     def run(self, ctx: CellContext, params: MeasurementParams) -> list[MetricValue]:
-        from harness.data import eval_token_stream
-
         assert isinstance(params, KVCacheParams)
         longest = max(params.contexts)
         stream = eval_token_stream(ctx.tokenizer, params.corpus, longest)

@@ -77,7 +77,7 @@ def lookup(specs: Iterable[MetricSpec], metric: str) -> MetricSpec | None:
     return None
 
 
-# What the harness itself emits beside the measurements (harness.worker, harness.runner).
+# What the harness itself emits beside the measurements (harness.run.worker, harness.run.runner).
 MEASURED_BY_EVERY_CELL: dict[str, tuple[MetricSpec, ...]] = {
     "cell": (MetricSpec("*", 0, "bookkeeping"),),
     "timing": (MetricSpec("*_s", -1, "bookkeeping"),),
@@ -85,7 +85,7 @@ MEASURED_BY_EVERY_CELL: dict[str, tuple[MetricSpec, ...]] = {
     "footprint": (MetricSpec("weight_bytes", -1, "size", exact=True),
                   MetricSpec("bits_per_weight", -1, "size", exact=True)),
 }
-# every measurement's own wall time and tokens read per second (harness.worker.measurement_timing)
+# every measurement's own wall time and tokens read per second (harness.run.worker.measurement_timing)
 MEASUREMENT_TIMING: tuple[MetricSpec, ...] = (MetricSpec("wall_s", -1, "bookkeeping"),
                                               MetricSpec("tokens_per_s", +1, "bookkeeping"))
 

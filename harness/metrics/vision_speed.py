@@ -18,6 +18,8 @@ from pydantic import Field, field_validator
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
+from harness.models.vision import dataset_of
+from harness.models.zoo import resolve_model
 from harness.perf.timing import half_iqr
 
 PROTOCOL = "vision-cpu-latency: warm-up, then per-repeat wall clock of classify() on a pre-built batch of test images"
@@ -58,9 +60,6 @@ class VisionSpeed(Measurement):
 
     def run(self, ctx: CellContext, params: VisionSpeedParams) -> list[MetricValue]:
         import torch
-
-        from harness.models import resolve_model
-        from harness.vision import dataset_of
 
         images, _ = dataset_of(resolve_model(ctx.model_name, prepare=False), "test")
         if max(params.batch_sizes) > images.shape[0]:

@@ -18,7 +18,13 @@ from pydantic import Field
 
 from harness.metrics.base import CellContext, Measurement, MeasurementParams, MetricValue
 from harness.metrics.meaning import MetricSpec
-from harness.perf.timing import UNCERTAINTY_KIND, half_iqr, percentile
+from harness.perf import decode as dec
+from harness.perf.decode import DecodeTiming, static_cache_len
+from harness.perf.kernels.lean_decode import LeanDecoder, check_against, lean_graph_decode
+from harness.perf.probes import run_probes
+from harness.perf.roofline import ModelDims, layer_costs, phase_roofline
+from harness.perf.telemetry import EnergyMeter, MemoryTracker
+from harness.perf.timing import UNCERTAINTY_KIND, half_iqr, percentile, repeat
 
 CEILINGS_FILE = "ceilings-{device}.json"  # in the run's cells/ folder: measured once per run and device
 
@@ -30,8 +36,6 @@ def _device(ctx: CellContext) -> str:
 def run_ceilings(ctx: CellContext, quick: bool = False) -> tuple[dict[str, dict], str]:
     """The run's measured ceilings (probes run by the first cell that needs them, then shared
     through the cells folder); returns (name -> Ceiling dict, where they were measured)."""
-    from harness.perf.probes import run_probes
-
     device = _device(ctx)
     path = ctx.artifact_dir.parent / CEILINGS_FILE.format(device=device.replace(":", "-"))
     if path.exists():
@@ -45,6 +49,7 @@ def run_ceilings(ctx: CellContext, quick: bool = False) -> tuple[dict[str, dict]
 
 
 def _datasheet(device: str) -> tuple[str, object]:
+    # lazy: `import harness.perf.measurements` stays free of yaml
     from harness import hardware
 
     try:
@@ -95,9 +100,9 @@ class SpeedParams(MeasurementParams):
     modes: list[Literal["framework", "graph", "lean", "triton"]] = Field(
         default_factory=lambda: ["framework", "graph"],
         description="framework: plain generate; graph: the model's step with a static cache as one CUDA graph; lean: "
-                    "harness.perf.lean_decode (Llama-family, fused float projections, the backend's modules otherwise), "
+                    "harness.perf.kernels.lean_decode (Llama-family, fused float projections, the backend's modules otherwise), "
                     "torch.compile'd and captured; triton: the lean decoder's batch-1 step as five fused Triton kernels "
-                    "a layer (harness.perf.triton_decode; float models only), captured (CUDA only)")
+                    "a layer (harness.perf.kernels.triton_decode; float models only), captured (CUDA only)")
     graph_compile: bool = Field(False, description="torch.compile the decode step before capturing it")
     lean_inductor: dict = Field(default_factory=lambda: {"coordinate_descent_tuning": True},
                                 description="inductor config for the lean mode's compile")
@@ -107,8 +112,6 @@ class SpeedParams(MeasurementParams):
 def _roofline(ctx: CellContext, ceilings: dict[str, dict]):
     """(ModelDims, kwargs for layer_costs, peak, bandwidth, description) for this cell's model."""
     import torch
-
-    from harness.perf.roofline import ModelDims
 
     module = ctx.qmodel.module
     dims = ModelDims.from_config(module.config)
@@ -142,10 +145,6 @@ class Speed(Measurement):
     needs_real_weights = False
 
     def run(self, ctx: CellContext, params: SpeedParams) -> list[MetricValue]:
-        from harness.perf import decode as dec
-        from harness.perf.roofline import phase_roofline
-        from harness.perf.timing import repeat
-
         device = _device(ctx)
         model = ctx.qmodel.module
         vocab = model.config.vocab_size
@@ -198,10 +197,6 @@ class Speed(Measurement):
         return out
 
     def _decode(self, ctx, params, mode, batch, context, dims, kw, peak, bandwidth, roof_desc) -> list[MetricValue]:
-        from harness.perf import decode as dec
-        from harness.perf.roofline import phase_roofline
-        from harness.perf.telemetry import EnergyMeter
-
         device = _device(ctx)
         model = ctx.qmodel.module
         ids = dec.random_prompt(model.config.vocab_size, batch, context, device, seed=batch * 7919 + context)
@@ -257,8 +252,6 @@ class Speed(Measurement):
 # -- decode modes: name -> timer(ctx, model, ids, params, meter) -> (per-repeat timings, static KV bytes
 # or None, protocol text). A new mode is one function and one line in DECODE_MODES.
 def _framework_mode(ctx, model, ids, params, meter):
-    from harness.perf import decode as dec
-
     n, gen = params.new_tokens, dict(ctx.qmodel.generate_kwargs)
     for _ in range(params.warmup):
         dec.framework_decode(model, ids, min(4, n), gen)
@@ -271,8 +264,6 @@ def _framework_mode(ctx, model, ids, params, meter):
 
 def _blocks(timing, n: int, repeats: int, batch: int) -> list:
     """One long replay of n * repeats steps cut into `repeats` timings of n steps each."""
-    from harness.perf.decode import DecodeTiming
-
     return [DecodeTiming(ttft_s=timing.ttft_s, tpot_s=timing.tpot_s[i * n:(i + 1) * n], batch=batch) for i in range(repeats)]
 
 
@@ -289,8 +280,6 @@ def _lean_mode(kernels: str):
 
 
 def _graph_mode(ctx, model, ids, params, meter):
-    from harness.perf import decode as dec
-
     n = params.new_tokens
     timing = dec.graph_decode(model, ids, n * params.repeats, compile=params.graph_compile, around_replays=meter)
     protocol = (f"decode mode graph: {timing.note}, static KV cache, {n * params.repeats} replays after a "
@@ -306,9 +295,6 @@ def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter, kernels: st
     """The lean decoder over this model, its logits checked against the model's before timing
     (a decoder that computes something else has no speed worth reporting). kernels="triton":
     its fused Triton step, already one kernel per stage, so not torch.compile'd."""
-    from harness.perf.decode import static_cache_len
-    from harness.perf.lean_decode import LeanDecoder, check_against, lean_graph_decode
-
     batch, context = ids.shape
     lean = LeanDecoder(model, batch, static_cache_len(context, new_tokens), kernels=kernels)
     check = check_against(model, lean, ids[:, :min(context, 16)], steps=4)
@@ -322,8 +308,6 @@ def _lean_timing(model, ids, new_tokens: int, inductor: dict, meter, kernels: st
 def layer_table(dims, batch: int, context: int, prompt: int, peak: float, bandwidth: float, kw: dict) -> list[dict]:
     """Per layer: ops/byte in decode and prefill, and its share of the decode floor (the report's
     per-layer roofline table)."""
-    from harness.perf.roofline import layer_costs
-
     dec = layer_costs(dims, "decode", batch, context, **kw)
     pre = {c.name: c for c in layer_costs(dims, "prefill", 1, prompt, **kw)}
     floor = sum(c.time_floor(peak, bandwidth) * c.count for c in dec)
@@ -350,10 +334,6 @@ class Memory(Measurement):
     needs_real_weights = False
 
     def run(self, ctx: CellContext, params: MemoryParams) -> list[MetricValue]:
-        from harness.perf import decode as dec
-        from harness.perf.roofline import ModelDims
-        from harness.perf.telemetry import MemoryTracker
-
         import torch
 
         device = _device(ctx)

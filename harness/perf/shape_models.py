@@ -22,7 +22,8 @@ def shape_names() -> list[str]:
 
 
 def resolve_shape(name: str, prepare: bool = True):
-    from harness.models import ModelSource, cache_root
+    # lazy: a cycle at module level (harness.models.zoo imports this module)
+    from harness.models.zoo import ModelSource, cache_root
 
     if name not in shape_names():
         from harness.errors import unknown

@@ -1,5 +1,5 @@
 """A measurement added the way a newcomer adds one: this file (the metric declared where it is
-made) plus one registry line (here the suite names it by import path). tests/test_meaning.py
+made) plus one registry line (here the suite names it by import path). tests/metrics/test_meaning.py
 checks that it then shows in the cell table, the frontier explorer and the default regression
 gate with no other file touched.
 
@@ -25,7 +25,7 @@ class Toy(Measurement):
     metrics = (quality("toy_score", +1, headline="Toy score", samples="tokens"), MetricSpec("toy_note", 0, "diagnostic"))
 
     def run(self, ctx: CellContext, params: ToyParams) -> list[MetricValue]:
-        from harness.data import eval_token_stream
+        from harness.models.corpora import eval_token_stream
 
         ids = eval_token_stream(ctx.tokenizer, "boolq-wiki", 65)[:65]
         scores = ctx.scorer.windows(ids[None], what="toy")[0]
