@@ -155,7 +155,7 @@ def score(model, batches, device, trace: list | None = None):
 
 
 def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload: bool = False,
-             cold: bool = False, trace: bool = False) -> None:
+             cold: bool = False, trace: bool = False, profile: bool = False, fused_norm: bool = False) -> None:
     """`which`: entries "layout@budget", e.g. "padded@65536"."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -176,9 +176,14 @@ def time_all(rows_file: Path, shape: str, repeats: int, which: list[str], reload
         "packed-flex": lambda budget: batches_packed(rows, budget, seq_len),
         "concat": lambda budget: batches_concat(rows, budget, seq_len),
     }
-    state = {"base": None, "cold": cold, "trace": trace, "rows": rows}
+    state = {"base": None, "cold": cold, "trace": trace, "rows": rows, "fused_norm": fused_norm}
     for entry in which:
         time_entry(model, entry, makers, repeats, state)
+    if profile:
+        layout, budget = which[0].split("@")
+        fuse_rms_norm(layout.endswith("+fn") or fused_norm)
+        layout = layout.removesuffix("+fn")
+        profile_pass(model, makers[layout if layout in makers else "padded-cap10"](int(budget)))
     if reload:  # the same weights saved and loaded back as a user's folder is loaded (from_pretrained)
         folder = Path("/tmp/packing-probe-model")
         model.save_pretrained(folder)
@@ -207,7 +212,10 @@ def score_harness(model, rows, budget: int) -> tuple[float, int, int, float]:
 
 
 def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffix: str = "") -> None:
+    """entry "layout@budget"; "layout+fn@budget": the same with fuse_rms_norm (Llama's RMSNorm fused)."""
     layout, budget = entry.split("@")
+    fuse_rms_norm(layout.endswith("+fn") or state.get("fused_norm", False))
+    layout = layout.removesuffix("+fn")
     name, budget = entry + suffix, int(budget)
     if layout == "harness":  # cold when first in the process: the engine takes no warm-up pass of its own
         runs = [score_harness(model, state["rows"], budget) for _ in range(repeats)]
@@ -262,6 +270,10 @@ def main() -> None:
     t.add_argument("--trace", action="store_true", help="print each batch's time, first run against the last")
     t.add_argument("--no-cudnn-sdpa", action="store_true", help="attention without cuDNN's SDPA backend, which "
                    "builds a graph per new shape (the harness's scoring does this: scoring.shape_stable_attention)")
+    t.add_argument("--fused-norm", action="store_true", help="Llama's RMSNorm as weight * F.rms_norm(x) (one fused "
+                   "kernel on CUDA) instead of its float32 chain of element-wise kernels")
+    t.add_argument("--profile", action="store_true", help="after the timings, torch.profiler over one warm pass of "
+                   "the first entry: CUDA time by kernel")
     t.add_argument("--harness-with-cudnn", action="store_true", help="the 'harness' layout with cuDNN's SDPA "
                    "allowed (as before a975c90), for an A/B of shape_stable_attention")
     a = ap.parse_args()
@@ -276,7 +288,41 @@ def main() -> None:
     if a.cmd == "make-rows":
         make_rows(a.out, a.corpus, a.seq_len)
     else:
-        time_all(a.rows, a.shape, a.repeats, a.which, a.reload, a.cold, a.trace)
+        time_all(a.rows, a.shape, a.repeats, a.which, a.reload, a.cold, a.trace, a.profile, a.fused_norm)
+
+
+def fuse_rms_norm(on: bool = True) -> None:
+    """(on) Llama's RMSNorm (float32 upcast, mean of squares, rsqrt, cast back, times the weight: ~7
+    element-wise kernels with float32 intermediates) as weight * F.rms_norm(x) (on CUDA one kernel
+    that accumulates in float32 and returns x's dtype): the same arithmetic, fewer memory passes."""
+    import torch.nn.functional as F
+    from transformers.models.llama import modeling_llama
+
+    cls = modeling_llama.LlamaRMSNorm
+    cls.original_forward = getattr(cls, "original_forward", cls.forward)
+    cls.forward = (lambda self, x: self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.variance_epsilon)) if on \
+        else cls.original_forward
+
+
+def profile_pass(model, batches) -> None:
+    """CUDA time by kernel over one pass (after the timed ones: everything is warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        score(model, batches, "cuda")
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) or 1
+    groups: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = ("gemm" if any(k in name for k in ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")) else
+                "attention" if any(k in name for k in ("flash", "fmha", "attention", "efficient")) else
+                "copy" if "memcpy" in name or "copy" in name else "elementwise/other")
+        groups[kind] = groups.get(kind, 0.0) + e.device_time_total
+    print("CUDA time by kind: " + ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])),
+          flush=True)
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:25]:
+        print(f"  {e.device_time_total / total:6.1%} {e.count:6d}x  {e.key[:110]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ CPU_BATCH_TOKENS = 1024  # 'auto' on CPU: on 2 cores 1,024 scored 64 BoolQ docum
 MAX_PADDING = 0.10  # a batch closes before padding would exceed this fraction of its tokens
 MAX_BATCH_TOKENS = 16384  # 'auto' on a GPU: at most this many padded tokens a batch (H200, 7B fp16: 16,384-token batches scored 31.8k tok/s, 65,536 27.2k: benchmarks/results/packing-probe-h200/)
 REFERENCE_FOLDER = "reference-logprobs"
+WARM_UP_TOKENS = 64  # the GPU warm-up row (Scorer.warm_up)
 BatchTokens = int | Literal["auto"]
 
 
@@ -149,7 +150,7 @@ class Head:
             if self.split is None:
                 return self.qmodel.logits(ids)
             decoder, _ = self.split
-            out = decoder(input_ids=ids.to(self.qmodel.device), use_cache=False)
+            out = decoder(input_ids=_to_device(ids, torch.device(self.qmodel.device)), use_cache=False)
             return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -295,35 +296,36 @@ class Scorer:
         """Yields (row index, RowScores) for the rows in `todo`. Rows that read the same tokens
         (single-token answers of one question) share one sequence of the batch; sequences go
         longest first, packed by the budget; on a device out-of-memory the budget halves and the
-        batch is tried again."""
+        batch is tried again. A batch's results are read back only after the next batch has been
+        launched, so the device never waits for the host between batches."""
         budget = self.budget(batch_tokens)
         inputs: dict[bytes, list[int]] = {}
         for i in todo:
             inputs.setdefault(rows[i].ids.numpy().tobytes(), []).append(i)
         order = sorted(inputs.values(), key=lambda users: -rows[users[0]].ids.numel())
         lengths = [rows[users[0]].ids.numel() for users in order]
-        start = 0
+        start, pending = 0, None
         while start < len(order):
-            width = lengths[start]
-            end, real = start + 1, width
-            while end < len(order) and (end - start + 1) * width <= budget and \
-                    (end - start + 1) * width - (real + lengths[end]) <= MAX_PADDING * (end - start + 1) * width:
-                real += lengths[end]
-                end += 1
-            batch = order[start:end]
+            batch = order[start:_batch_end(lengths, start, budget)]
             try:
-                results = list(self._batch(rows, batch, keys, has_ref))
+                launched = self._launch(rows, batch, keys, has_ref)
             except torch.cuda.OutOfMemoryError:
                 if len(batch) == 1:
-                    raise HarnessError(f"out of device memory scoring one row of {width} tokens") from None
-                budget = max(width, budget // 2)
+                    raise HarnessError(f"out of device memory scoring one row of {lengths[start]} tokens") from None
+                budget = max(lengths[start], budget // 2)
                 _free_device_memory(getattr(self.qmodel, "device", "cpu"))
                 continue
-            yield from results
+            if pending is not None:
+                yield from self._finish(pending, keys)
+            pending = launched
             start += len(batch)
+        if pending is not None:
+            yield from self._finish(pending, keys)
 
     @torch.no_grad()  # not inference_mode: on CUDA, quanto's int4 weights failed under it ("Cannot set version_counter for inference tensor")
-    def _batch(self, rows: list[Row], batch: list[list[int]], keys: list[str], has_ref: list[bool]):
+    def _launch(self, rows: list[Row], batch: list[list[int]], keys: list[str], has_ref: list[bool]) -> _Launched:
+        """Queues one batch's forward and per-position statistics on the device and their copy to
+        the host (pinned memory, asynchronous on a GPU)."""
         width = rows[batch[0][0]].ids.numel()
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         users, flat_pos, targets = [], [], []
@@ -341,8 +343,8 @@ class Scorer:
         features = self.head.features(ids)
         device = features.device
         flat = features.reshape(len(batch) * width, -1)
-        pos = torch.cat(flat_pos).to(device)
-        tgt = torch.cat(targets).to(device)
+        pos = _to_device(torch.cat(flat_pos), device)
+        tgt = _to_device(torch.cat(targets), device)
         ref = _stack_reference(refs, spans)
         vocab = flat.shape[1] if self.head.split is None else _vocab(self.head)
         chunk = max(1, (GPU_HEAD_BYTES if device.type == "cuda" else HEAD_BYTES) // (4 * max(vocab, 1)))
@@ -350,26 +352,102 @@ class Scorer:
         for lo in range(0, pos.numel(), chunk):
             hi = min(lo + chunk, pos.numel())
             logits = self.head.logits(flat.index_select(0, pos[lo:hi]))
-            ref_chunk = None if ref is None else {k: torch.from_numpy(v[lo:hi]).to(device) for k, v in ref.items()}
+            ref_chunk = None if ref is None else {k: _to_device(torch.from_numpy(v[lo:hi]), device) for k, v in ref.items()}
             for name, value in _position_stats(logits, tgt[lo:hi], record, ref_chunk).items():
                 # per-position vectors wait on the device (one transfer per batch); V-wide codes do not
                 parts.setdefault(name, []).append(value.cpu() if name == "codes" else value)
-        host = {name: torch.cat(v).cpu() for name, v in parts.items()}
         self.stats.forward_tokens += len(batch) * width
         self.stats.scored += int(pos.numel())
+        return _Launched(users, spans, refs, record, _to_host({name: torch.cat(v) for name, v in parts.items()}))
+
+    def _finish(self, launched: _Launched, keys: list[str]):
+        """Waits for a launched batch's results and yields (row index, RowScores) per row
+        (recording the reference's log-probabilities where asked)."""
+        host = launched.host()
         lo = 0
-        for i, m, r in zip(users, spans, refs):
+        for i, m, r in zip(launched.users, launched.spans, launched.refs):
             sl = slice(lo, lo + m)
             lo += m
             scores = RowScores(host["nll"][sl].double().numpy(), host["greedy"][sl].numpy())
             if r is not None:
                 scores.kld, scores.top1 = host["kld"][sl].numpy(), host["top1"][sl].numpy()
                 scores.delta_p = host["delta_p"][sl].numpy()
-            if record and keys[i] in self.record_keys:
+            if launched.record and keys[i] in self.record_keys:
                 self.record.put(keys[i], ReferenceRow(host["codes"][sl].numpy(), host["lo"][sl].float().numpy(),
                                                       host["step"][sl].float().numpy(), (-host["nll"][sl]).float().numpy(),
                                                       host["argmax"][sl].numpy()))
             yield i, scores
+
+    def warm_up(self) -> float:
+        """On a GPU, one short forward through the head before anything is timed: CUDA's lazy
+        kernel loading, cuBLAS's start-up and the head check (0.5-1.3 s on the H200 with a 7B,
+        benchmarks/results/cold-shapes-h200/) then land in the cell's `warmup_s` phase instead of
+        in the first measurement. Returns the seconds it took (0 elsewhere: nothing to warm)."""
+        device = torch.device(getattr(self.qmodel, "device", "cpu"))
+        if device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        vocab = _vocab(self.head) if self.head.split is not None else 2
+        ids = torch.arange(WARM_UP_TOKENS) * 7 % max(vocab - 1, 1) + 1
+        launched = self._launch([Row.of(ids, ids[1:])], [[0]], ["warm-up"], [False])
+        launched.host()
+        self.stats.forward_tokens -= WARM_UP_TOKENS  # not a measurement's work
+        self.stats.scored -= WARM_UP_TOKENS - 1
+        return time.perf_counter() - t0
+
+
+@dataclass
+class _Launched:
+    """A batch queued on the device: which rows it scores and its per-position results on their
+    way to the host (`host()` waits for them)."""
+
+    users: list[int]
+    spans: list[int]
+    refs: list
+    record: bool
+    _host: tuple[dict[str, torch.Tensor], torch.cuda.Event | None]
+
+    def host(self) -> dict[str, torch.Tensor]:
+        values, done = self._host
+        if done is not None:
+            done.synchronize()
+        return values
+
+
+def _batch_end(lengths: list[int], start: int, budget: int) -> int:
+    """End of the batch that starts at `start` (rows sorted longest first): as many rows as the
+    budget of padded tokens holds, closed before padding passes MAX_PADDING."""
+    width = lengths[start]
+    end, real = start + 1, width
+    while end < len(lengths) and (end - start + 1) * width <= budget and \
+            (end - start + 1) * width - (real + lengths[end]) <= MAX_PADDING * (end - start + 1) * width:
+        real += lengths[end]
+        end += 1
+    return end
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device; to a GPU through pinned memory without waiting for the copy."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Device tensors copied to the host: into pinned buffers behind an event on a GPU (read them
+    after the event), directly elsewhere."""
+    if not any(v.is_cuda for v in values.values()):
+        return {k: v.cpu() for k, v in values.items()}, None
+    host = {}
+    for name, value in values.items():
+        if value.is_cuda:
+            host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host[name].copy_(value, non_blocking=True)
+        else:
+            host[name] = value
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 def cell_scorer(qmodel, cell_dir: Path, reference_dir: Path | None, is_reference: bool,

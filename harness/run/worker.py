@@ -150,10 +150,12 @@ def _measure(cell, cell_dir: Path, source, qmodel, tokenizer, device, spread: bo
     from harness.metrics.meaning import MEASUREMENT_TIMING
     from harness.metrics.scoring import cell_scorer, declare_reference_windows
 
-    measure_start = time.perf_counter()
-    reference_model = _reference_builder(cell, source, device, spread) if cell.reference else None
     reference_dir = cell_dir.parent / cell.reference_cell_id if cell.reference_cell_id else None
     scorer = cell_scorer(qmodel, cell_dir, reference_dir, cell.is_reference, emit.progress)
+    if cell.measurements and (warm_s := scorer.warm_up()):
+        phase("warmup_s", warm_s)  # GPU start-up, kept out of the first measurement's time
+    measure_start = time.perf_counter()
+    reference_model = _reference_builder(cell, source, device, spread) if cell.reference else None
     ctx = CellContext(qmodel=qmodel, tokenizer=tokenizer, model_name=cell.model, artifact_dir=cell_dir,
                       reference_dir=reference_dir, reference_model=reference_model, progress=emit.progress,
                       is_reference=cell.is_reference, scorer=scorer)
