@@ -217,8 +217,15 @@ def time_entry(model, entry: str, makers: dict, repeats: int, state: dict, suffi
     fuse_rms_norm(layout.endswith("+fn") or state.get("fused_norm", False))
     layout = layout.removesuffix("+fn")
     name, budget = entry + suffix, int(budget)
-    if layout == "harness":  # cold when first in the process: the engine takes no warm-up pass of its own
-        runs = [score_harness(model, state["rows"], budget) for _ in range(repeats)]
+    if layout in ("harness", "harness-nolean"):  # cold when first in the process: no warm-up pass of its own
+        import harness.metrics.scoring as scoring
+
+        lean = scoring._lean_patches
+        scoring._lean_patches = lean if layout == "harness" else (lambda qmodel: [])  # nolean: without lean_ops
+        try:
+            runs = [score_harness(model, state["rows"], budget) for _ in range(repeats)]
+        finally:
+            scoring._lean_patches = lean
         report(name, layout, runs, state, [None] * repeats)
         return
     model.set_attn_implementation("flex_attention" if layout == "packed-flex" else "sdpa")

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.metrics.lean_ops import lean_patches, patched
 
 HEAD_BYTES = 64 * 2**20  # float32 logits per head chunk on CPU (a chunk holds up to 4 such temporaries)
 GPU_HEAD_BYTES = 256 * 2**20  # on a GPU: fewer, larger output-layer GEMMs (341 positions a chunk at a 49k vocabulary was too few)
@@ -144,9 +145,10 @@ class Head:
     def __init__(self, qmodel):
         self.qmodel = qmodel
         self.split = _split_head(qmodel)
+        self.lean = _lean_patches(qmodel)
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
-        with shape_stable_attention(getattr(self.qmodel, "device", "cpu")):
+        with shape_stable_attention(getattr(self.qmodel, "device", "cpu")), patched(self.lean):
             if self.split is None:
                 return self.qmodel.logits(ids)
             decoder, _ = self.split
@@ -167,6 +169,15 @@ def shape_stable_attention(device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _lean_patches(qmodel) -> list:
+    """On CUDA, the rewrites of harness/metrics/lean_ops.py that apply to this transformers model
+    (fewer element-wise kernels, same arithmetic); none elsewhere."""
+    module = getattr(qmodel, "module", None)
+    if torch.device(getattr(qmodel, "device", "cpu")).type != "cuda" or not isinstance(module, torch.nn.Module):
+        return []
+    return lean_patches(module)
 
 
 def _split_head(qmodel) -> tuple[Callable, Callable] | None:
