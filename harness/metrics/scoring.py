@@ -13,7 +13,9 @@ vocabulary and context (a 128k vocabulary at 8k context would be 4 GB of float32
 whole). The per-position results of a batch stay on the device until the batch is done and
 cross to the host in one transfer: a host copy per chunk stalled the GPU at every chunk (on the
 H200 the plain loop scored 31.8k tok/s with one transfer per batch; benchmarks/results/
-packing-probe-h200/). Only the reference cell's 16-bit log-probability codes (V entries a
+packing-probe-h200/), and that transfer is read only after the next batch has been launched, so the
+GPU never idles while the host builds a batch or unpacks results. On CUDA the scorer also runs
+Llama-family RMSNorm and rotary embeddings as fewer kernels (harness/metrics/lean_ops.py). Only the reference cell's 16-bit log-probability codes (V entries a
 position) come back chunk by chunk, so they never pile up on the device. Where the head cannot be split off
 the model (a runtime without modules, like llama.cpp, or a head with extra arithmetic), the full
 logits are taken and the same chunking applies to them.
