@@ -26,3 +26,15 @@ def test_lean_scoring_equals_the_models_own_logits_on_cuda():
     with torch.no_grad():
         want = token_nll(model(windows.cuda()).logits.float().cpu(), windows).numpy()
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_warm_up_runs_on_cuda_and_is_not_counted():
+    import transformers
+
+    from harness.adapters.base import QuantizedModel
+    from harness.metrics.scoring import Scorer
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    scorer = Scorer(QuantizedModel(module=transformers.LlamaForCausalLM(cfg).to("cuda").eval(), device=torch.device("cuda")))
+    assert scorer.warm_up() > 0.0 and scorer.stats.forward_tokens == 0

@@ -238,3 +238,17 @@ def test_measurements_do_not_move_with_batch_size(tmp_path) -> None:
     assert one.keys() == many.keys() and (False, "kld_mean") in one and (False, "acc@piqa") in one
     for key in one:
         assert one[key] == pytest.approx(many[key], rel=1e-6, abs=1e-9), key
+
+
+def test_warm_up_is_gpu_only_and_a_model_that_cannot_score_does_not_fail_it(tiny) -> None:
+    ref, _, _ = tiny
+    assert Scorer(ref).warm_up() == 0.0  # CPU: nothing to warm
+
+    class ImageModel:  # on "cuda", but it takes no token rows
+        device = "cuda"
+
+        def logits(self, ids):
+            raise TypeError("expects images")
+
+    scorer = Scorer(ImageModel())
+    assert scorer.warm_up() >= 0.0 and scorer.stats.forward_tokens == 0 and scorer.stats.scored == 0
