@@ -96,16 +96,17 @@ class RTNLinear(torch.nn.Module):
         return cls(in_f, out_f, b, gs, variant.sym, pack_bits(q.to(torch.uint8), b), scales, qzeros, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight these codes stand for (computed in float32, then cast)."""
+        """The (out, in) weight these codes stand for: (code - zero) * scale in float32, then cast.
+        code - zero is an exact small integer, so it is taken in int8 (int16 at 8 bits) and
+        multiplied straight into float32: one float temporary instead of three, the same bits."""
         n_groups = self.in_features // self.group_size
         codes = unpack_bits(self.qweight, self.bits, self.out_features * self.in_features)
-        codes = codes.view(self.out_features, n_groups, self.group_size).float()
+        codes = codes.view(self.out_features, n_groups, self.group_size).to(torch.int8 if self.bits < 8 else torch.int16)
         if self.qzeros is None:
-            zeros: torch.Tensor | float = float(2 ** (self.bits - 1))
+            codes.sub_(2 ** (self.bits - 1))
         else:
-            zeros = unpack_bits(self.qzeros, self.bits, self.out_features * n_groups)
-            zeros = zeros.view(self.out_features, n_groups, 1).float()
-        w = (codes - zeros) * self.scales.float().unsqueeze(-1)
+            codes.sub_(unpack_bits(self.qzeros, self.bits, self.out_features * n_groups).view(self.out_features, n_groups, 1))
+        w = torch.mul(codes, self.scales.float().unsqueeze(-1))
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
