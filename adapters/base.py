@@ -156,11 +156,12 @@ class QuantizedModel:
         `module.generate` (harness.metrics.drift.greedy)."""
         return None
 
-    def decoding(self) -> contextlib.AbstractContextManager:
-        """What a quality measurement's free-running generation (drift's greedy continuations) runs
-        under: an adapter may make it cheaper without changing a logit (rtn: each weight
-        dequantized once per `generate` instead of once per token). Speed measurements never use
-        it: they time the model as it is. Default: nothing."""
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """What a quality measurement's passes run under (the cell's Scorer: perplexity, divergence,
+        drift's window, tasks; and drift's greedy continuations): an adapter may make them cheaper
+        without changing a logit (rtn: each weight dequantized once per call instead of once per
+        forward). Byte counts and speed measurements never run under it: they see the model as it
+        is. Default: nothing."""
         return contextlib.nullcontext()
 
     def native_kv_cache_bytes(self, input_ids: torch.Tensor) -> int | None:

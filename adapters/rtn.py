@@ -5,12 +5,14 @@ is compared with. No calibration, no error feedback: each group of weights gets 
 Rounding is round-half-to-even (`torch.round`). Codes are bit-packed (`harness.weights.packing`) and the
 float weight is rebuilt on every forward and then dropped, so the bytes the storage accounting
 sees are the bytes the method really needs: b bits per weight plus one scale (and one b-bit zero
-code when asymmetric) per group. One exception, for drift's greedy continuations only
-(`QuantizedModel.decoding`, `held_weights`): there each layer's float weight is dequantized once
-per `generate` call and dropped after it (the same weights, so the same logits; a float copy of the
-linear layers is held meanwhile: 4 bytes a weight, ~425 MB for SmolLM2-135M, on a CPU with room
-for it; no byte count or speed measurement runs under it). Decoding 32 tokens otherwise rebuilt
-every weight 33 times: ~9 s of a ~15 s drift measurement on 2 cores."""
+code when asymmetric) per group. One exception, for the quality measurements' passes only
+(`QuantizedModel.evaluating`, `held_weights`: a Scorer call, drift's greedy `generate` call): there
+each layer's float weight is dequantized once per call and dropped after it (the same weights, so
+the same logits; a float copy of the linear layers is held meanwhile: 4 bytes a weight, ~425 MB for
+SmolLM2-135M, on a CPU with room for it; the footprint is counted before, from the packed buffers,
+and no speed measurement runs under it, so the wall times and tokens/s of those measurements are
+not rtn's own speed: `llm-perf` measures that). Otherwise decoding 32 tokens rebuilt every weight
+33 times (~9 s of a ~15 s drift measurement on 2 cores) and every scoring batch once more."""
 
 from __future__ import annotations
 
@@ -151,9 +153,9 @@ def _free_memory() -> int:
 
 
 class RTNQuantizedModel(QuantizedModel):
-    """An rtn model: drift's greedy continuations decode with each weight dequantized once per call."""
+    """An rtn model: the quality measurements' passes use each weight dequantized once per call."""
 
-    def decoding(self) -> contextlib.AbstractContextManager:
+    def evaluating(self) -> contextlib.AbstractContextManager:
         return held_weights(self.module)
 
 
@@ -183,4 +185,4 @@ class RTNAdapter(Adapter):
         model = model.to(device)
         n = sum(isinstance(m, RTNLinear) for m in model.modules())
         return RTNQuantizedModel(model, device, info={"kernel": "torch dequantize+F.linear", "quantized_layers": n,
-                                                      "drift_decoding": "weights dequantized once per generate call"})
+                                                      "evaluating": "weights dequantized once per scoring / generate call"})
