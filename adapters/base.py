@@ -6,6 +6,7 @@ shapes before any work starts (`check`), and turns a float model into a `Quantiz
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -154,6 +155,14 @@ class QuantizedModel:
         runtime decodes outside torch's `generate` (llama.cpp, with its own KV cache); None: use
         `module.generate` (harness.metrics.drift.greedy)."""
         return None
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """What a quality measurement's passes run under (the cell's Scorer: perplexity, divergence,
+        drift's window, tasks; and drift's greedy continuations): an adapter may make them cheaper
+        without changing a logit (rtn: each weight dequantized once per call instead of once per
+        forward). Byte counts and speed measurements never run under it: they see the model as it
+        is. Default: nothing."""
+        return contextlib.nullcontext()
 
     def native_kv_cache_bytes(self, input_ids: torch.Tensor) -> int | None:
         """Bytes of the KV cache after prefilling `input_ids` (1, N), for models whose cache lives

@@ -5,9 +5,19 @@ is compared with. No calibration, no error feedback: each group of weights gets 
 Rounding is round-half-to-even (`torch.round`). Codes are bit-packed (`harness.weights.packing`) and the
 float weight is rebuilt on every forward and then dropped, so the bytes the storage accounting
 sees are the bytes the method really needs: b bits per weight plus one scale (and one b-bit zero
-code when asymmetric) per group."""
+code when asymmetric) per group. One exception, for the quality measurements' passes only
+(`QuantizedModel.evaluating`, `held_weights`: a Scorer call, drift's greedy `generate` call): there
+each layer's float weight is dequantized once per call and dropped after it (the same weights, so
+the same logits; a float copy of the linear layers is held meanwhile: 4 bytes a weight, ~425 MB for
+SmolLM2-135M, on a CPU with room for it; the footprint is counted before, from the packed buffers,
+and no speed measurement runs under it, so the wall times and tokens/s of those measurements are
+not rtn's own speed: `llm-perf` measures that). Otherwise decoding 32 tokens rebuilt every weight
+33 times (~9 s of a ~15 s drift measurement on 2 cores) and every scoring batch once more."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 from typing import ClassVar, Literal
 
@@ -56,6 +66,7 @@ class RTNLinear(torch.nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("qzeros", qzeros)  # None when symmetric
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.held: dict[torch.dtype, torch.Tensor] | None = None  # dequantized weights, inside held_weights only
 
     @classmethod
     @torch.no_grad()
@@ -87,26 +98,65 @@ class RTNLinear(torch.nn.Module):
         return cls(in_f, out_f, b, gs, variant.sym, pack_bits(q.to(torch.uint8), b), scales, qzeros, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight these codes stand for (computed in float32, then cast)."""
+        """The (out, in) weight these codes stand for: (code - zero) * scale in float32, then cast.
+        code - zero is an exact small integer, so it is taken in int8 (int16 at 8 bits) and
+        multiplied straight into float32: one float temporary instead of three, the same bits."""
         n_groups = self.in_features // self.group_size
         codes = unpack_bits(self.qweight, self.bits, self.out_features * self.in_features)
-        codes = codes.view(self.out_features, n_groups, self.group_size).float()
+        codes = codes.view(self.out_features, n_groups, self.group_size).to(torch.int8 if self.bits < 8 else torch.int16)
         if self.qzeros is None:
-            zeros: torch.Tensor | float = float(2 ** (self.bits - 1))
+            codes.sub_(2 ** (self.bits - 1))
         else:
-            zeros = unpack_bits(self.qzeros, self.bits, self.out_features * n_groups)
-            zeros = zeros.view(self.out_features, n_groups, 1).float()
-        w = (codes - zeros) * self.scales.float().unsqueeze(-1)
+            codes.sub_(unpack_bits(self.qzeros, self.bits, self.out_features * n_groups).view(self.out_features, n_groups, 1))
+        w = torch.mul(codes, self.scales.float().unsqueeze(-1))
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        if self.held is None:
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        weight = self.held.get(x.dtype)
+        if weight is None:
+            weight = self.held[x.dtype] = self.dequantize(x.dtype)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         group = self.group_size if self.group_size != self.in_features else "pc"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group={group}, sym={self.sym}, scale_dtype={self.scales.dtype}")
+
+
+HOLD_HEADROOM = 2.0  # hold float weights only where free memory is this many times their size
+
+
+@contextlib.contextmanager
+def held_weights(module: torch.nn.Module) -> Iterator[bool]:
+    """Inside: each RTNLinear of `module` dequantizes its weight once, on first use, and reuses it
+    (bitwise the weight every forward would rebuild), dropped on exit. Only on a CPU with
+    HOLD_HEADROOM times the float weights' bytes free (else: as outside). Yields whether it holds."""
+    layers = [m for m in module.modules() if isinstance(m, RTNLinear)]
+    float_bytes = 4 * sum(m.in_features * m.out_features for m in layers)
+    hold = bool(layers) and all(m.qweight.device.type == "cpu" for m in layers) and _free_memory() > HOLD_HEADROOM * float_bytes
+    for m in layers if hold else []:
+        m.held = {}
+    try:
+        yield hold
+    finally:
+        for m in layers if hold else []:
+            m.held = None
+
+
+def _free_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class RTNQuantizedModel(QuantizedModel):
+    """An rtn model: the quality measurements' passes use each weight dequantized once per call."""
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        return held_weights(self.module)
 
 
 class RTNAdapter(Adapter):
@@ -134,4 +184,5 @@ class RTNAdapter(Adapter):
         replace_linears(model, lambda _name, linear: RTNLinear.from_linear(linear, variant, device))
         model = model.to(device)
         n = sum(isinstance(m, RTNLinear) for m in model.modules())
-        return QuantizedModel(model, device, info={"kernel": "torch dequantize+F.linear", "quantized_layers": n})
+        return RTNQuantizedModel(model, device, info={"kernel": "torch dequantize+F.linear", "quantized_layers": n,
+                                                      "evaluating": "weights dequantized once per scoring / generate call"})

@@ -7,7 +7,9 @@ KL(P_ref || P_q) and top-1 agreement, pooled into position buckets of `bucket` t
 (1 .. seq_len-1), so the first bucket [0, bucket) holds bucket-1 tokens.
 
 Free-running: greedy decoding (`module.generate(do_sample=False, **qmodel.generate_kwargs)`, the
-prompts batched: they have equal length, so no padding; llama.cpp decodes on its own KV cache,
+prompts batched: they have equal length, so no padding; under `QuantizedModel.evaluating`, where an
+adapter may decode more cheaply with the same logits (rtn: weights dequantized once per call, so
+drift's wall time is not that backend's decode speed: `llm-perf` measures that); llama.cpp decodes on its own KV cache,
 `QuantizedModel.greedy_continuations`; other models without a `generate` take the argmax of their
 logits, recomputed each step) from the same prompts with both models (the reference cell stores its continuations in
 `drift-greedy-<key>.json`); the first generated position whose token differs (or where
@@ -109,7 +111,7 @@ def greedy(qmodel, prompts: torch.Tensor, new_tokens: int, eos: int | None) -> t
         return native, "the runtime's own decoding (KV cache)"
     module = qmodel.module
     if callable(getattr(module, "generate", None)):
-        with torch.no_grad():  # not inference_mode: quanto's packed weights refuse it
+        with torch.no_grad(), qmodel.evaluating():  # not inference_mode: quanto's packed weights refuse it
             out = module.generate(input_ids=prompts.to(qmodel.device), attention_mask=torch.ones_like(prompts).to(qmodel.device),
                                   max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=eos, **qmodel.generate_kwargs)

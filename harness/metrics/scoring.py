@@ -283,9 +283,10 @@ class Scorer:
             else:
                 todo.append(i)
         t0 = time.perf_counter()
-        for done, (i, scores) in enumerate(self._score(rows, todo, keys, has_ref, batch_tokens), 1):
-            out[i] = self._cache[keys[i]] = scores
-            self.progress(done, len(todo), what)
+        with _evaluating(self.qmodel):
+            for done, (i, scores) in enumerate(self._score(rows, todo, keys, has_ref, batch_tokens), 1):
+                out[i] = self._cache[keys[i]] = scores
+                self.progress(done, len(todo), what)
         self.stats.seconds += time.perf_counter() - t0
         self.stats.rows += len(rows)
         return out  # type: ignore[return-value]
@@ -465,6 +466,13 @@ def _to_host(values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     done = torch.cuda.Event()
     done.record()
     return host, done
+
+
+def _evaluating(qmodel) -> contextlib.AbstractContextManager:
+    """The model's own scope for quality passes (`QuantizedModel.evaluating`: rtn dequantizes each
+    weight once per call), or nothing for a model object without one."""
+    scope = getattr(qmodel, "evaluating", None)
+    return scope() if callable(scope) else contextlib.nullcontext()
 
 
 def cell_scorer(qmodel, cell_dir: Path, reference_dir: Path | None, is_reference: bool,

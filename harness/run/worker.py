@@ -24,6 +24,7 @@ DONE = "done.json"
 CELL = "cell.json"
 EXIT_USER_ERROR = 3
 WAIT = "--wait"  # started ahead of its cell: import everything, then read the cell folder from stdin
+IDLE_NICE = 19  # a warm worker's priority while it imports beside a running cell (_wait_for_cell)
 
 
 class Emitter:
@@ -250,7 +251,14 @@ def _process_start() -> float:
 def _wait_for_cell() -> Path | None:
     """A warm worker (harness.run.executor.LocalExecutor): do the imports every cell does (and create
     the CUDA context if cells use CUDA), then wait for the cell folder on stdin and send stderr to
-    its worker.log. None when the driver closes stdin without a cell."""
+    its worker.log. None when the driver closes stdin without a cell.
+
+    The imports run at the lowest CPU priority (`IDLE_NICE`) when this process may raise it back
+    once it has its cell: they happen beside the running cell, and on a small machine a
+    full-priority import took a core from the cell's OpenMP threads, whose every parallel region
+    then waited for it (2 cores: rtn's quantize 0.5 s alone, ~7 s beside a warming worker). At
+    nice 19 the import takes only what the cell leaves idle (its single-threaded stretches)."""
+    lowered = _lower_priority()
     quiet_libraries()
     import torch
     import transformers  # noqa: F401
@@ -264,12 +272,55 @@ def _wait_for_cell() -> Path | None:
     line = sys.stdin.readline().strip()
     if not line:
         return None
+    if lowered:
+        _restore_priority()
     cell_dir = Path(line)
     fd = os.open(cell_dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 2)
     os.close(fd)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     return cell_dir
+
+
+def _lower_priority() -> bool:
+    """Drop this process to nice `IDLE_NICE` if it will be allowed to return to nice 0 (root, or
+    an RLIMIT_NICE that permits it: raising a priority back needs one or the other); True if it did.
+    Where the kernel groups processes by session (autogroup: each worker has its own session),
+    a nice value only ranks threads within their group, so the group's own nice is set too."""
+    if not hasattr(os, "setpriority"):
+        return False
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    if os.geteuid() != 0 and soft != resource.RLIM_INFINITY and soft < 20:  # nice 0 <-> RLIMIT_NICE 20
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, IDLE_NICE)
+    except OSError:
+        return False
+    _set_autogroup_nice(IDLE_NICE)
+    return True
+
+
+def _restore_priority() -> None:
+    """Back to nice 0, for the session's autogroup and every thread (Linux applies a nice value
+    per thread, and threads started during the imports inherited the low one)."""
+    _set_autogroup_nice(0)
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except OSError:
+            pass  # a thread that has ended, or no permission after all: the cell runs, just lower
+
+
+def _set_autogroup_nice(nice: int) -> None:
+    """The nice value of this session's scheduling group (Linux autogroup), where there is one."""
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass  # no autogroups (disabled, or not Linux): the process nice is all there is
 
 
 def _die_with_driver() -> None:

@@ -173,3 +173,23 @@ def test_fp_bf16_halves_linear_bytes(tiny, ids) -> None:
     assert f32.bits_per_weight() == 32.0 and bf16.bits_per_weight() == 16.0
     assert bf16.logits(ids).dtype == torch.float32
     assert get_adapter("fp").versions()["torch"] == torch.__version__
+
+
+def test_rtn_evaluating_holds_the_same_weights_only_inside(tiny: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Drift's greedy continuations run under `evaluating()` (as does every Scorer call): each weight is dequantized once and
+    reused there, bitwise the weight every forward rebuilds (same logits, same tokens); outside,
+    nothing is held, and the stored bytes are the packed ones either way."""
+    q = _run(tiny, "rtn", {"bits": 4, "group_size": 32})
+    layers = [m for m in q.module.modules() if isinstance(m, RTNLinear)]
+    before = q.weight_bytes()
+    with torch.no_grad():
+        plain = q.module(input_ids=ids).logits
+        gen = q.module.generate(input_ids=ids[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with q.evaluating() as held:
+            assert held and all(m.held is not None for m in layers)
+            assert q.weight_bytes() == before
+            assert torch.equal(q.module(input_ids=ids).logits, plain)
+            assert all(torch.equal(m.held[torch.float32], m.dequantize()) for m in layers)
+            assert torch.equal(q.module.generate(input_ids=ids[:, :8], max_new_tokens=6, do_sample=False,
+                                                 pad_token_id=0), gen)
+    assert all(m.held is None for m in layers)
