@@ -302,13 +302,13 @@ def fuse_rms_norm(on: bool = True) -> None:
     """(on) Llama's RMSNorm (float32 upcast, mean of squares, rsqrt, cast back, times the weight: ~7
     element-wise kernels with float32 intermediates) as weight * F.rms_norm(x) (on CUDA one kernel
     that accumulates in float32 and returns x's dtype): the same arithmetic, fewer memory passes."""
-    import torch.nn.functional as F
     from transformers.models.llama import modeling_llama
+
+    from harness.metrics.lean_ops import rms_norm_forward
 
     cls = modeling_llama.LlamaRMSNorm
     cls.original_forward = getattr(cls, "original_forward", cls.forward)
-    cls.forward = (lambda self, x: self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.variance_epsilon)) if on \
-        else cls.original_forward
+    cls.forward = rms_norm_forward if on else cls.original_forward
 
 
 def profile_pass(model, batches) -> None:

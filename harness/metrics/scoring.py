@@ -372,7 +372,7 @@ class Scorer:
                 parts.setdefault(name, []).append(value.cpu() if name == "codes" else value)
         self.stats.forward_tokens += len(batch) * width
         self.stats.scored += int(pos.numel())
-        return _Launched(users, spans, refs, record, _to_host({name: torch.cat(v) for name, v in parts.items()}))
+        return _Launched(users, spans, refs, record, *_to_host({name: torch.cat(v) for name, v in parts.items()}))
 
     def _finish(self, launched: _Launched, keys: list[str]):
         """Waits for a launched batch's results and yields (row index, RowScores) per row
@@ -423,13 +423,13 @@ class _Launched:
     spans: list[int]
     refs: list
     record: bool
-    _host: tuple[dict[str, torch.Tensor], torch.cuda.Event | None]
+    values: dict[str, torch.Tensor]  # host tensors, complete once `done` has passed
+    done: torch.cuda.Event | None
 
     def host(self) -> dict[str, torch.Tensor]:
-        values, done = self._host
-        if done is not None:
-            done.synchronize()
-        return values
+        if self.done is not None:
+            self.done.synchronize()
+        return self.values
 
 
 def _batch_end(lengths: list[int], start: int, budget: int) -> int:
