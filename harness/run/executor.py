@@ -166,19 +166,23 @@ class LocalExecutor(Executor):
         ahead = 1 if any(timed) else self.ahead
         if not cells:
             self.close()
+        for position, (proc, _) in enumerate(self._spares[:len(cells)]):  # started before the plan was known
+            self._tell_model(proc, cells[position].model)
         for k, cell in enumerate(cells):
             if on_start:
                 on_start(cell)
             step = (lambda d, t, w, c=cell: progress(c, d, t, w)) if progress else None
             left = len(cells) - k - 1
-            outcome = self.run_cell(cell, cell_dir(cell.cell_id), step, warm_next=0 if timed[k] else min(ahead, left), cuda=cuda)
+            upcoming = [c.model for c in cells[k + 1:]]
+            outcome = self.run_cell(cell, cell_dir(cell.cell_id), step, warm_next=0 if timed[k] else min(ahead, left),
+                                    cuda=cuda, upcoming=upcoming)
             if timed[k] and left:
-                self._start_spares(cuda, 1)
+                self._start_spares(cuda, 1, upcoming)
             yield cell, outcome
 
     def run_cell(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: int = 0,
-                 cuda: bool = False) -> CellOutcome:
-        return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress, warm_next, cuda))
+                 cuda: bool = False, upcoming: list[str] | None = None) -> CellOutcome:
+        return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress, warm_next, cuda, upcoming))
 
     def _env(self, cuda: bool = False) -> dict[str, str]:
         env = dict(os.environ if self.env is None else self.env)
@@ -188,9 +192,10 @@ class LocalExecutor(Executor):
             env["QHARNESS_WARM_CUDA"] = "1"
         return env
 
-    def _start_spares(self, cuda: bool, count: int) -> None:
+    def _start_spares(self, cuda: bool, count: int, upcoming: list[str] | None = None) -> None:
         """Workers that import everything and wait on stdin for their cell folder, until `count`
-        are waiting."""
+        are waiting. `upcoming`: the models of the cells they will take, in order (each is told
+        its own, to load while it waits)."""
         import tempfile
 
         while self.warm and len(self._spares) < count:
@@ -198,7 +203,19 @@ class LocalExecutor(Executor):
             with os.fdopen(fd, "w") as err:
                 proc = subprocess.Popen([self.python, "-m", "harness.run.worker", worker.WAIT], stdout=subprocess.PIPE, stderr=err,
                                         stdin=subprocess.PIPE, text=True, env=self._env(cuda), start_new_session=True)
+            if upcoming and len(self._spares) < len(upcoming):
+                self._tell_model(proc, upcoming[len(self._spares)])
             self._spares.append((proc, Path(log)))
+
+    @staticmethod
+    def _tell_model(proc: subprocess.Popen, model: str) -> None:
+        """Tell a waiting worker the model of the cell it will take (harness.run.worker._preload)."""
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{worker.PRELOAD}{model}\n")
+            proc.stdin.flush()
+        except OSError:
+            pass  # it died: _take_spare finds out
 
     def _take_spare(self, cell_dir: Path) -> subprocess.Popen | None:
         """The oldest warm worker, told its cell (its start-up log goes first into the cell's
@@ -221,7 +238,7 @@ class LocalExecutor(Executor):
         return proc
 
     def spawn(self, cell: CellSpec, cell_dir: Path, progress: ProgressFn | None = None, warm_next: int = 0,
-              cuda: bool = False) -> WorkerExit:
+              cuda: bool = False, upcoming: list[str] | None = None) -> WorkerExit:
         """Run the cell in a worker process (the warm one if there is one, else
         `python -m harness.run.worker CELL_DIR`) in its own process group, with the cell's timeout."""
         for stale in (worker.VALUES, worker.DONE):
@@ -235,7 +252,7 @@ class LocalExecutor(Executor):
                                         stderr=log, stdin=subprocess.DEVNULL, text=True, env=self._env(cuda),
                                         start_new_session=True)  # its own process group: a timeout kills its children too
         if warm_next:
-            self._start_spares(cuda, warm_next)
+            self._start_spares(cuda, warm_next, upcoming)
         reader = threading.Thread(target=self._pump, args=(proc, progress), daemon=True)
         reader.start()
         timed_out = False

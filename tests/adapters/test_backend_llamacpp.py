@@ -146,6 +146,41 @@ def test_quantize_failure_is_one_line(tmp_path) -> None:
     assert "\n" not in str(err.value) and sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
 
 
+def test_tensor_stats_are_read_once_per_file_version(tmp_path, monkeypatch) -> None:
+    """gguf_tensor_stats parses a file once (kept in the cache root, keyed by path, size and
+    modification time) and again only when the file changes."""
+    import os
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    monkeypatch.setenv("QHARNESS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+
+    def write(rows: int) -> None:
+        writer = GGUFWriter(str(path), "llama")
+        writer.add_tensor("blk.0.ffn_up.weight", np.zeros((rows, 32), np.float32))
+        writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float16))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write(4)
+    reads = []
+    real = lc._read_tensor_stats
+    monkeypatch.setattr(lc, "_read_tensor_stats", lambda p: reads.append(p) or real(p))
+    lc._cached_tensor_stats.cache_clear()
+    first = lc.gguf_tensor_stats(path)
+    assert first == {"tensor_bytes": 4 * 32 * 4 + 8 * 32 * 2, "linear_weights": 4 * 32, "linear_bytes": 4 * 32 * 4,
+                     "tensor_types": {"F16": 1, "F32": 1}}
+    lc._cached_tensor_stats.cache_clear()  # a new process: from the cache root
+    assert lc.gguf_tensor_stats(path) == first and len(reads) == 1
+    write(6)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert lc.gguf_tensor_stats(path)["linear_weights"] == 6 * 32 and len(reads) == 2
+
+
 def test_gguf_choice_prefers_the_installed_gguf(tmp_path) -> None:
     script = tmp_path / "convert_hf_to_gguf.py"
     script.write_text("import gguf\nx = gguf.GGUFWriter\ny = gguf.MODEL_ARCH.LLAMA\n")

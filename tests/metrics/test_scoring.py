@@ -119,6 +119,28 @@ def test_stored_reference_divergence_equals_the_live_float64_one(tiny) -> None:
         Scorer(q, reference=store).windows(windows, what="divergence windows", need_reference=True)
 
 
+def test_head_chunks_that_cross_rows_read_the_right_stored_positions(tiny, monkeypatch) -> None:
+    """The stored reference is cut per head chunk without stacking the batch's rows first: chunks
+    of 13 positions straddle rows of 47, and rows without a stored reference sit between rows with
+    one; every position's divergence still equals the one-chunk-per-batch result."""
+    from harness.metrics import scoring
+
+    ref, q, windows = tiny
+    store = ReferenceStore(_tmp())
+    keys = {row_key(window_row(w)) for w in windows[[0, 2, 3, 5]]}
+    Scorer(ref, record=store, record_keys=keys).windows(windows)
+    whole = Scorer(q, reference=store).windows(windows)
+    monkeypatch.setattr(scoring, "HEAD_BYTES", 13 * 4 * 256)  # the tiny model's vocabulary: 256
+    cut = Scorer(q, reference=store).windows(windows)
+    for a, b, w in zip(whole, cut, windows):
+        assert (a.kld is None) == (b.kld is None) == (row_key(window_row(w)) not in keys)
+        if a.kld is not None:
+            np.testing.assert_allclose(b.kld, a.kld, rtol=1e-5, atol=1e-7)
+            assert (a.top1 == b.top1).all()
+            np.testing.assert_allclose(b.delta_p, a.delta_p, atol=1e-7)
+        np.testing.assert_allclose(b.nll, a.nll, rtol=1e-6, atol=1e-7)
+
+
 def test_one_pass_per_window_across_measurements(tiny) -> None:
     ref, q, windows = tiny
     store = ReferenceStore(_tmp())

@@ -118,7 +118,9 @@ def test_warm_workers_run_every_cell_and_leave_nothing_behind(tmp_path, harness_
     records = RunDir(tmp_path / "run").current_records()
     cells = [r for r in records if r.measurement == "cell"]
     assert len(cells) == 3 and len({r.provenance["pid"] for r in cells}) == 3
-    warm = [r.params["warm_worker"] for r in records if r.measurement == "timing" and r.metric == "load_s"]
-    assert warm == [True, True, True]
+    loads = [r for r in records if r.measurement == "timing" and r.metric == "load_s"]
+    assert [r.params["warm_worker"] for r in loads] == [True, True, True]
+    # each waiting worker was told its cell's model and had loaded it before the cell came
+    assert all(r.params.get("preloaded_while_waiting_s", 0) > 0 for r in loads)
     leftovers = [p for p in psutil.Process().children(recursive=True) if "harness.run.worker" in " ".join(p.cmdline())]
     assert leftovers == []
