@@ -19,7 +19,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.metrics import get_measurement
-from harness.run import worker
+from harness.run import worker, zygote
 from harness.registry import Registry
 from harness.run.suite import CellSpec
 
@@ -61,11 +61,16 @@ def _read_values(cell_dir: Path) -> list[dict]:
     return out
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc) -> None:
+    """Kill the worker's process group (it and what it started); the worker alone if it has no
+    group of its own yet (a forked worker killed before its setsid)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        try:
+            proc.kill()
+        except (ProcessLookupError, OSError):
+            pass
     proc.wait()
 
 
@@ -156,7 +161,18 @@ class LocalExecutor(Executor):
         return collect_outcome(cell, cell_dir, self.spawn(cell, cell_dir, progress))
 
     def warm_up(self, device: str) -> None:
-        self._start_spares(cuda=device != "cpu", count=1)
+        """The first worker starts while the driver plans: on a CPU, the fork server's imports
+        (workers are forked once the plan says which models they load); else an interpreter."""
+        on_gpu = device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl"))
+        if not on_gpu and self._forks(cuda=False):
+            zygote.start()
+        else:
+            self._start_spares(cuda=device != "cpu", count=1)
+
+    def _forks(self, cuda: bool) -> bool:
+        """Whether warm workers are forked from harness.run.zygote's server (CPU runs on Linux
+        with this interpreter) instead of started as interpreters."""
+        return self.warm and self.python == sys.executable and zygote.usable(cuda)
 
     def run_many(self, cells, cell_dir, on_start=None, progress=None):
         """As Executor.run_many, with the next cell's worker warming up beside the current cell
@@ -168,6 +184,8 @@ class LocalExecutor(Executor):
             self.close()
         for position, (proc, _) in enumerate(self._spares[:len(cells)]):  # started before the plan was known
             self._tell_model(proc, cells[position].model)
+        if cells:
+            self._start_spares(cuda, 1, [c.model for c in cells])
         for k, cell in enumerate(cells):
             if on_start:
                 on_start(cell)
@@ -201,8 +219,12 @@ class LocalExecutor(Executor):
         while self.warm and len(self._spares) < count:
             fd, log = tempfile.mkstemp(prefix="qharness-warm-", suffix=".log")
             with os.fdopen(fd, "w") as err:
-                proc = subprocess.Popen([self.python, "-m", "harness.run.worker", worker.WAIT], stdout=subprocess.PIPE, stderr=err,
-                                        stdin=subprocess.PIPE, text=True, env=self._env(cuda), start_new_session=True)
+                if self._forks(cuda):
+                    proc = zygote.ForkedWorker(self._env(cuda), Path(log))
+                else:
+                    proc = subprocess.Popen([self.python, "-m", "harness.run.worker", worker.WAIT], stdout=subprocess.PIPE,
+                                            stderr=err, stdin=subprocess.PIPE, text=True, env=self._env(cuda),
+                                            start_new_session=True)
             if upcoming and len(self._spares) < len(upcoming):
                 self._tell_model(proc, upcoming[len(self._spares)])
             self._spares.append((proc, Path(log)))

@@ -253,6 +253,40 @@ def _process_start() -> float:
     return psutil.Process().create_time()
 
 
+def import_cell_modules() -> None:
+    """The imports every cell needs (~8 s on 2 cores): a warm worker does them while it waits, the
+    fork server of harness.run.zygote once for all its workers."""
+    quiet_libraries()
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - the slow part (~4 s on 2 cores)
+
+    import harness.adapters.base  # noqa: F401
+    import harness.metrics.scoring  # noqa: F401
+
+
+def forked_main(stdin, stdout, log: str, env: dict[str, str], cwd: str) -> None:
+    """A warm worker forked by harness.run.zygote's fork server (its imports already done): the
+    driver's environment and working directory, its own session (a timeout kills its process
+    group), the pipes as stdin/stdout and `log` as stderr; then as `python -m harness.run.worker
+    --wait`. Never returns."""
+    server = os.getppid()
+    os.setsid()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for conn, fd in ((stdin, 0), (stdout, 1)):
+        os.dup2(conn.fileno(), fd)
+        conn.close()
+    err = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(err, 2)
+    os.close(err)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, kept for its life
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    _exit_now(main([WAIT], parent=server))
+
+
 def _wait_for_cell() -> Path | None:
     """A warm worker (harness.run.executor.LocalExecutor): do the imports every cell does (and create
     the CUDA context if cells use CUDA), then wait for the cell folder on stdin and send stderr to
@@ -264,13 +298,8 @@ def _wait_for_cell() -> Path | None:
     then waited for it (2 cores: rtn's quantize 0.5 s alone, ~7 s beside a warming worker). At
     nice 19 the import takes only what the cell leaves idle (its single-threaded stretches)."""
     lowered = _lower_priority()
-    quiet_libraries()
+    import_cell_modules()
     import torch
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - the slow part (~4 s on 2 cores)
-
-    import harness.adapters.base  # noqa: F401
-    import harness.metrics.scoring  # noqa: F401
 
     if os.environ.get("QHARNESS_WARM_CUDA") and torch.cuda.is_available():
         torch.cuda.init()
@@ -361,10 +390,11 @@ def _set_autogroup_nice(nice: int) -> None:
         pass  # no autogroups (disabled, or not Linux): the process nice is all there is
 
 
-def _die_with_driver() -> None:
-    """Linux: have the kernel kill this worker if the driver dies (e.g. SIGKILL), so an orphan
-    never writes into a cell that a resumed run is recomputing."""
-    driver = os.environ.get("QHARNESS_DRIVER_PID")
+def _die_with_driver(parent: int | None = None) -> None:
+    """Linux: have the kernel kill this worker if its parent dies (e.g. SIGKILL): the driver, or
+    for a forked worker the fork server, which exits when the driver does. So an orphan never
+    writes into a cell that a resumed run is recomputing."""
+    driver = parent or os.environ.get("QHARNESS_DRIVER_PID")
     if not driver or not sys.platform.startswith("linux"):
         return
     try:
@@ -374,15 +404,15 @@ def _die_with_driver() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != int(driver):  # the driver died before prctl took effect
+    if os.getppid() != int(driver):  # the parent died before prctl took effect
         os._exit(EXIT_USER_ERROR)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parent: int | None = None) -> int:
     from harness.errors import HarnessError
 
     argv = sys.argv[1:] if argv is None else argv
-    _die_with_driver()
+    _die_with_driver(parent)
     assigned_at = None
     if argv[0] == WAIT:
         cell_dir = _wait_for_cell()

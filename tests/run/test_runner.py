@@ -99,15 +99,22 @@ def test_resume_after_sigkill_recomputes_no_finished_cell(tmp_path, harness_env)
     assert (out / "report.html").exists()
 
 
-def test_warm_workers_run_every_cell_and_leave_nothing_behind(tmp_path, harness_env):
-    """Workers started ahead (LocalExecutor.ahead) are handed their cells; each cell still has its
-    own process (its pid in provenance); no waiting worker outlives the run."""
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "interpreters"])
+def test_warm_workers_run_every_cell_and_leave_nothing_behind(tmp_path, harness_env, monkeypatch, forked):
+    """Workers started ahead (LocalExecutor.ahead) are handed their cells, forked from the fork
+    server (harness.run.zygote) or started as interpreters; each cell still has its own process
+    (its pid in provenance); no waiting worker outlives the run; the fork server holds no thread
+    pool a fork would copy half of."""
     import psutil
 
+    from harness.run import zygote
     from harness.run.executor import LocalExecutor
     from harness.run.runner import run_suite
     from harness.results.run_dir import RunDir
     from harness.run.suite import load_suite
+
+    if not forked:
+        monkeypatch.setenv("QHARNESS_NO_FORK_SERVER", "1")
 
     suite = load_suite(str(tiny_suite(tmp_path / "s.yaml", extra_backends="""
         - name: rtn
@@ -124,3 +131,8 @@ def test_warm_workers_run_every_cell_and_leave_nothing_behind(tmp_path, harness_
     assert all(r.params.get("preloaded_while_waiting_s", 0) > 0 for r in loads)
     leftovers = [p for p in psutil.Process().children(recursive=True) if "harness.run.worker" in " ".join(p.cmdline())]
     assert leftovers == []
+    server = zygote.server_pid()
+    if forked:
+        assert server is not None and psutil.Process(server).children() == []
+        threads = [psutil.Process(t.id).name() for t in psutil.Process(server).threads()]
+        assert threads.count(psutil.Process(server).name()) == 1, threads  # no OpenMP / torch pool threads
