@@ -144,6 +144,7 @@ class LocalExecutor(Executor):
         self.warm = warm
         self.ahead = ahead if ahead is not None else (3 if (os.cpu_count() or 1) >= 8 else 1)
         self._spares: list[tuple[subprocess.Popen, Path]] = []
+        self._no_forks = False  # set when the fork server failed: interpreters instead
 
     def prepare(self, cells: list[CellSpec], profile: str) -> None:
         pinned = {c.hardware for c in cells if c.hardware} - {profile}
@@ -165,14 +166,27 @@ class LocalExecutor(Executor):
         (workers are forked once the plan says which models they load); else an interpreter."""
         on_gpu = device == "cuda" or (device == "auto" and os.path.exists("/dev/nvidiactl"))
         if not on_gpu and self._forks(cuda=False):
-            zygote.start()
-        else:
-            self._start_spares(cuda=device != "cpu", count=1)
+            try:
+                zygote.start()
+                return
+            except (OSError, RuntimeError):
+                self._no_forks = True
+        self._start_spares(cuda=device != "cpu", count=1)
 
     def _forks(self, cuda: bool) -> bool:
         """Whether warm workers are forked from harness.run.zygote's server (CPU runs on Linux
         with this interpreter) instead of started as interpreters."""
-        return self.warm and self.python == sys.executable and zygote.usable(cuda)
+        return self.warm and self.python == sys.executable and not self._no_forks and zygote.usable(cuda)
+
+    def _new_worker(self, cuda: bool, log: Path, err):
+        """A waiting worker: forked where it can be (an interpreter if the fork server fails)."""
+        if self._forks(cuda):
+            try:
+                return zygote.ForkedWorker(self._env(cuda), log)
+            except (OSError, RuntimeError, EOFError):
+                self._no_forks = True  # e.g. the server died in its imports: interpreters from now on
+        return subprocess.Popen([self.python, "-m", "harness.run.worker", worker.WAIT], stdout=subprocess.PIPE,
+                                stderr=err, stdin=subprocess.PIPE, text=True, env=self._env(cuda), start_new_session=True)
 
     def run_many(self, cells, cell_dir, on_start=None, progress=None):
         """As Executor.run_many, with the next cell's worker warming up beside the current cell
@@ -219,12 +233,7 @@ class LocalExecutor(Executor):
         while self.warm and len(self._spares) < count:
             fd, log = tempfile.mkstemp(prefix="qharness-warm-", suffix=".log")
             with os.fdopen(fd, "w") as err:
-                if self._forks(cuda):
-                    proc = zygote.ForkedWorker(self._env(cuda), Path(log))
-                else:
-                    proc = subprocess.Popen([self.python, "-m", "harness.run.worker", worker.WAIT], stdout=subprocess.PIPE,
-                                            stderr=err, stdin=subprocess.PIPE, text=True, env=self._env(cuda),
-                                            start_new_session=True)
+                proc = self._new_worker(cuda, Path(log), err)
             if upcoming and len(self._spares) < len(upcoming):
                 self._tell_model(proc, upcoming[len(self._spares)])
             self._spares.append((proc, Path(log)))

@@ -288,9 +288,10 @@ def forked_main(stdin, stdout, log: str, env: dict[str, str], cwd: str) -> None:
 
 
 def _wait_for_cell() -> Path | None:
-    """A warm worker (harness.run.executor.LocalExecutor): do the imports every cell does (and create
-    the CUDA context if cells use CUDA), then wait for the cell folder on stdin and send stderr to
-    its worker.log. None when the driver closes stdin without a cell.
+    """A warm worker (harness.run.executor.LocalExecutor): do the imports every cell does (none
+    left in a worker forked by harness.run.zygote; and create the CUDA context if cells use CUDA),
+    load the model a `preload` line names, then wait for the cell folder on stdin and send stderr
+    to its worker.log. None when the driver closes stdin without a cell.
 
     The imports run at the lowest CPU priority (`IDLE_NICE`) when this process may raise it back
     once it has its cell: they happen beside the running cell, and on a small machine a

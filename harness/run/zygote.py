@@ -38,15 +38,18 @@ def usable(cuda: bool) -> bool:
 
 def start() -> None:
     """Have the fork server running with the driver's current environment (started in the
-    background: its imports overlap the driver's planning; the first fork waits for them)."""
+    background: its imports overlap the driver's planning; the first fork waits for them).
+    Raises RuntimeError where a server with another environment cannot be restarted."""
     global _server_env
     from multiprocessing import forkserver
 
     env = _comparable(os.environ)
     if _server_env is not None and _server_env != env:
         stop = getattr(forkserver._forkserver, "_stop", None)  # noqa: SLF001 - the one way to restart it
-        if stop is not None:
-            stop()
+        if stop is None:
+            raise RuntimeError("the fork server runs with another environment and cannot be restarted")
+        stop()
+        _server_env = None
     multiprocessing.get_context("forkserver").set_forkserver_preload([PRELOAD])
     forkserver.ensure_running()
     _server_env = env

@@ -99,6 +99,23 @@ def test_resume_after_sigkill_recomputes_no_finished_cell(tmp_path, harness_env)
     assert (out / "report.html").exists()
 
 
+def test_a_failing_fork_server_falls_back_to_interpreters(tmp_path, harness_env, monkeypatch):
+    """If the fork server cannot fork a worker (it died in its imports, say), the run goes on
+    with interpreter-started workers: no cell is lost to it."""
+    from harness.run import zygote
+    from harness.run.executor import LocalExecutor
+
+    def broken(*args, **kwargs):
+        raise EOFError("the fork server went away")
+
+    monkeypatch.setattr(zygote, "ForkedWorker", broken)
+    executor = LocalExecutor()
+    result = run_suite(load_suite(str(tiny_suite(tmp_path / "s.yaml"))), out=tmp_path / "run", executor=executor)
+    assert result.failed == 0 and executor._no_forks
+    cells = [r for r in RunDir(tmp_path / "run").current_records() if r.measurement == "cell"]
+    assert cells and all(r.status == "ok" for r in cells)
+
+
 @pytest.mark.parametrize("forked", [True, False], ids=["forked", "interpreters"])
 def test_warm_workers_run_every_cell_and_leave_nothing_behind(tmp_path, harness_env, monkeypatch, forked):
     """Workers started ahead (LocalExecutor.ahead) are handed their cells, forked from the fork
