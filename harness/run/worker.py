@@ -1,6 +1,8 @@
 """One cell in its own process: load the model, quantize, measure, report.
 
-Run by the driver as `python -m harness.run.worker CELL_DIR`. Talks back through files and stdout only:
+Run by the driver as `python -m harness.run.worker CELL_DIR`, as a warm worker (`--wait`: the cell
+folder comes on stdin), or forked by harness.run.zygote's fork server (`forked_main`, the same
+from there on). Talks back through files and stdout only:
 - stdout: JSON progress lines {"progress": [done, total, what]} for the driver's progress bar;
 - CELL_DIR/values.jsonl: one JSON line per finished metric value, fsynced as it is produced,
   so values measured before a crash survive it;
@@ -284,7 +286,23 @@ def forked_main(stdin, stdout, log: str, env: dict[str, str], cwd: str) -> None:
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, kept for its life
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    _no_process_shared_locks()
     _exit_now(main([WAIT], parent=server))
+
+
+def _no_process_shared_locks() -> None:
+    """tqdm's first progress bar creates a multiprocessing lock, a named semaphore registered with
+    the resource tracker a forked worker shares with the driver; the worker ends with os._exit, so
+    the tracker warned of a "leaked semaphore" on the user's terminal at the end of the run
+    (compressed-tensors' bars, in llm-compressor cells). A cell's bars live in one process: a
+    thread lock is all they need."""
+    import threading
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _wait_for_cell() -> Path | None:
