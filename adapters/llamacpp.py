@@ -192,7 +192,9 @@ def _cached_tensor_stats(path: str, size: int, mtime_ns: int) -> str:
     key = hashlib.sha256(json.dumps([path, size, mtime_ns]).encode()).hexdigest()[:16]
     cached = cache_root() / "gguf-stats" / f"{key}.json"
     try:
-        return json.dumps(json.loads(cached.read_text()))
+        text = cached.read_text()
+        json.loads(text)  # a torn or foreign file: read the GGUF again
+        return text
     except (OSError, ValueError):
         pass  # not there yet (or unreadable): read the file
     text = json.dumps(_read_tensor_stats(path))
